@@ -1,0 +1,50 @@
+"""The one small interface every driver implements.
+
+A driver owns one build's environment: it is created once, receives objects and
+keys, runs job scripts one at a time, hands artifacts back and is destroyed. The
+runner calls `cancel` from another thread to stop whatever is in progress.
+"""
+
+from __future__ import annotations
+
+import abc
+import posixpath
+from typing import Any, BinaryIO, Callable, ClassVar, Iterator, Mapping
+
+Output = Callable[[bytes], None]
+
+
+class Driver(abc.ABC):
+    #: The manifest's `driver.type` this class serves.
+    type: ClassVar[str]
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self.settings = dict(settings)
+
+    @abc.abstractmethod
+    def create(self, env: Mapping[str, str], log: Output) -> None:
+        """Bring the environment up; `env` is the build's environment for every job."""
+
+    @abc.abstractmethod
+    def place(self, dest: str, data: BinaryIO, mode: int = 0o644) -> None:
+        """Copy `data` to `dest` (relative to the workspace, or absolute) before the first job."""
+
+    @abc.abstractmethod
+    def execute(self, name: str, script: bytes, output: Output) -> int:
+        """Run one job script, streaming its output; returns the exit status."""
+
+    @abc.abstractmethod
+    def collect(self, source: str) -> Iterator[tuple[str, BinaryIO]]:
+        """Yield (path, stream) for each file matching `source` (relative to the workspace)."""
+
+    @abc.abstractmethod
+    def cancel(self) -> None:
+        """Make a running `create` or `execute` return promptly, and refuse new ones."""
+
+    @abc.abstractmethod
+    def destroy(self) -> None:
+        """Remove everything the build made. Safe to call more than once."""
+
+    def key_location(self, name: str) -> str:
+        """Where a build key named `name` is placed."""
+        return posixpath.join("/root/.ssh", name)

@@ -1,0 +1,155 @@
+"""The os driver: job scripts run with /bin/sh on the worker host, in a directory made for the build.
+
+For trusted builds and local use. The build environment goes to the child
+processes only, never into the worker's own environment.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import BinaryIO, Iterator, Mapping
+
+from djinn.drivers.base import Driver, Output
+from djinn.errors import DriverError
+from djinn.paths import resolve_inside
+
+READ_SIZE = 1 << 20
+# After a job's shell exits, how long its leftover children may keep the output pipe open.
+DRAIN_SECONDS = 2.0
+# Variables of the worker's own environment a build inherits; nothing else (database
+# passwords and the like) leaks into build processes.
+INHERITED = ("PATH", "LANG", "LC_ALL", "TZ")
+
+
+class OSDriver(Driver):
+    type = "os"
+
+    def __init__(self, settings: Mapping[str, object] | None = None) -> None:
+        super().__init__(settings or {})
+        self.root: Path | None = None
+        self.env: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def workspace(self) -> Path:
+        if self.root is None:
+            raise DriverError("the os driver was used before it was created")
+        return self.root / "workspace"
+
+    def create(self, env: Mapping[str, str], log: Output) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="djinn-build-"))
+        (self.root / "workspace").mkdir()
+        (self.root / "scripts").mkdir()
+        base = {k: os.environ[k] for k in INHERITED if k in os.environ}
+        base.setdefault("PATH", os.defpath)
+        self.env = {**base, "HOME": str(self.workspace), **env}
+        log(f"Running with OS driver in {self.workspace}...\n".encode())
+
+    def key_location(self, name: str) -> str:
+        # Never the worker's own ~/.ssh: keys stay inside the build directory.
+        return f".ssh/{name}"
+
+    def place(self, dest: str, data: BinaryIO, mode: int = 0o644) -> None:
+        target = resolve_inside(self.workspace, dest, "object destination")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as out:
+            shutil.copyfileobj(data, out, READ_SIZE)
+        os.chmod(target, mode)
+
+    def execute(self, name: str, script: bytes, output: Output) -> int:
+        script_path = self.root / "scripts" / f"{name}.sh" if self.root else None
+        if script_path is None:
+            raise DriverError("the os driver was used before it was created")
+        script_path.write_bytes(script)
+        script_path.chmod(0o755)
+        with self._lock:
+            if self._cancelled:
+                return -signal.SIGKILL
+            process = subprocess.Popen(
+                ["/bin/sh", str(script_path)],
+                cwd=self.workspace,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            self._process = process
+        try:
+            self._stream(process, output)
+            return process.wait()
+        finally:
+            self._kill_group(process)
+            with self._lock:
+                self._process = None
+            script_path.unlink(missing_ok=True)
+
+    def _stream(self, process: subprocess.Popen[bytes], output: Output) -> None:
+        """Copy the job's output until the pipe closes, or shortly after the shell exits."""
+        fd = process.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP)
+        exited_at: float | None = None
+        try:
+            while True:
+                if poller.poll(200):
+                    data = os.read(fd, READ_SIZE)
+                    if not data:
+                        return
+                    output(data)
+                    continue
+                if exited_at is None and process.poll() is not None:
+                    # Background children may hold the pipe forever: they die with the job.
+                    self._kill_group(process)
+                    exited_at = time.monotonic()
+                elif exited_at is not None and time.monotonic() - exited_at > DRAIN_SECONDS:
+                    return
+        finally:
+            process.stdout.close()
+
+    @staticmethod
+    def _kill_group(process: subprocess.Popen[bytes]) -> None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def collect(self, source: str) -> Iterator[tuple[str, BinaryIO]]:
+        pattern = str(resolve_inside(self.workspace, source, "artifact source")) if "*" not in source else None
+        if pattern is None:
+            resolve_inside(self.workspace, os.path.dirname(source) or ".", "artifact source")
+            matches = sorted(glob.glob(str(self.workspace / source)))
+        else:
+            matches = [pattern] if os.path.exists(pattern) else []
+        for match in matches:
+            path = resolve_inside(self.workspace, os.path.relpath(match, self.workspace), "artifact source")
+            if path.is_file():
+                with open(path, "rb") as stream:
+                    yield os.path.relpath(path, os.path.realpath(self.workspace)), stream
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            process = self._process
+        if process is not None:
+            self._kill_group(process)
+
+    def destroy(self) -> None:
+        self.cancel()
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
+
+
+DRIVER = OSDriver

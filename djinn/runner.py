@@ -1,0 +1,241 @@
+"""The runner engine: drives one build's plan through a driver (SPEC section 3).
+
+It knows nothing of terminals or databases: what happens is told to a Reporter,
+objects come from an ObjectStore and artifacts go to an ArtifactStore. Output is
+streamed chunk by chunk; the runner never holds a whole job's output.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass
+from typing import Iterable
+
+from djinn.drivers.base import Driver
+from djinn.errors import DjinnError
+from djinn.output import Masker, job_script
+from djinn.plan import BuildPlan, JobPlan
+from djinn.status import Status
+from djinn.store import ArtifactStore, ObjectStore, StoredArtifact
+
+DEFAULT_TIMEOUT = 30 * 60
+CREATE_TIMEOUT = 5 * 60
+
+
+@dataclass(frozen=True)
+class Variable:
+    key: str
+    value: str
+    masked: bool = False
+
+
+@dataclass(frozen=True)
+class Key:
+    """An SSH private key handed in by the submitter, placed before the first job."""
+
+    name: str
+    key: str
+    config: str = ""
+
+
+class Reporter:
+    """Told of everything the runner does; subclasses keep what they need."""
+
+    def build_started(self) -> None: ...
+
+    def job_started(self, job: JobPlan) -> None: ...
+
+    def job_output(self, job: JobPlan, data: bytes) -> None: ...
+
+    def job_finished(self, job: JobPlan, status: Status, ran: bool) -> None: ...
+
+    def artifact_stored(self, job: JobPlan, source: str, artifact: StoredArtifact) -> None: ...
+
+    def build_finished(self, status: Status) -> None: ...
+
+
+class Runner:
+    """Runs one build once. `cancel` may be called from any thread (kill, shutdown)."""
+
+    def __init__(
+        self,
+        plan: BuildPlan,
+        driver: Driver,
+        *,
+        variables: Iterable[Variable] = (),
+        keys: Iterable[Key] = (),
+        objects: ObjectStore | None = None,
+        artifacts: ArtifactStore | None = None,
+        reporter: Reporter | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        create_timeout: float = CREATE_TIMEOUT,
+    ) -> None:
+        self.plan = plan
+        self.driver = driver
+        self.variables = [v for v in variables]
+        self.keys = list(keys)
+        self.objects = objects
+        self.artifacts = artifacts
+        self.reporter = reporter or Reporter()
+        self.timeout = timeout
+        self.create_timeout = create_timeout
+        #: An unexpected exception met while running (a bug, not a failed build), for the caller to report.
+        self.error: BaseException | None = None
+        self._secrets = [v.value for v in self.variables if v.masked] + [k.key for k in self.keys]
+        self._lock = threading.Lock()
+        self._interrupted: Status | None = None
+        self._create_expired = False
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {v.key: v.value for v in self.variables}
+
+    def cancel(self, status: Status = Status.KILLED) -> None:
+        """Stop the build: the running job and the build end with `status`."""
+        with self._lock:
+            if self._interrupted is not None:
+                return
+            self._interrupted = status
+        self.driver.cancel()
+
+    def run(self) -> Status:
+        jobs = [(job, stage.can_fail) for stage in self.plan.stages for job in stage.jobs]
+        results: list[Status] = []
+        self.reporter.build_started()
+        timer = threading.Timer(self.timeout, self.cancel, args=(Status.TIMED_OUT,))
+        timer.daemon = True
+        timer.start()
+        try:
+            results.append(self._create(jobs[0][0]))
+            for job, can_fail in jobs[1:]:
+                if max(results) >= Status.FAILED or self._interrupted is not None:
+                    break
+                results.append(self._run_job(job, can_fail))
+        finally:
+            timer.cancel()
+            self.driver.destroy()
+        final = max([*results, self._interrupted or Status.PASSED])
+        for job, _ in jobs[len(results):]:
+            self.reporter.job_finished(job, final, ran=False)
+        self.reporter.build_finished(final)
+        return final
+
+    def _create(self, job: JobPlan) -> Status:
+        """The create-driver job: bring the driver up, then place objects and keys."""
+        self.reporter.job_started(job)
+        masker = Masker(self._secrets)
+        write = self._writer(job, masker)
+
+        def expire() -> None:
+            self._create_expired = True
+            self.driver.cancel()
+
+        timer = threading.Timer(self.create_timeout, expire)
+        timer.daemon = True
+        timer.start()
+        status = Status.PASSED
+        try:
+            self.driver.create(self.env, write)
+            if self._interrupted is None:
+                self._place(write)
+        except DjinnError as exc:
+            write(f"djinn: {exc}\n".encode())
+            status = Status.FAILED
+        except Exception as exc:  # a bug: fail the build and let the caller report it
+            self.error = exc
+            write(f"djinn: internal error creating the driver: {exc!r}\n".encode())
+            status = Status.FAILED
+        finally:
+            timer.cancel()
+        if self._create_expired and self._interrupted is None:
+            write(f"djinn: driver creation did not finish within {_duration(self.create_timeout)}\n".encode())
+            status = Status.FAILED
+        status = max(status, self._interrupted or Status.PASSED)
+        self._finish_output(job, masker)
+        self.reporter.job_finished(job, status, ran=True)
+        return status
+
+    def _place(self, write) -> None:
+        for obj in self.plan.objects:
+            if self.objects is None:
+                raise DjinnError(f"object {obj.source!r} cannot be placed: no object store is configured")
+            with self.objects.open(obj.source) as data:
+                self.driver.place(obj.destination, data)
+            write(f"Placed object {obj.source} => {obj.destination}\n".encode())
+        configs = []
+        for key in self.keys:
+            location = self.driver.key_location(key.name)
+            self.driver.place(location, io.BytesIO(key.key.encode()), 0o600)
+            if key.config:
+                configs.append(key.config.rstrip("\n") + "\n")
+            write(f"Placed key {key.name} => {location}\n".encode())
+        if configs:
+            location = self.driver.key_location("config")
+            self.driver.place(location, io.BytesIO("".join(configs).encode()), 0o600)
+
+    def _run_job(self, job: JobPlan, can_fail: bool) -> Status:
+        self.reporter.job_started(job)
+        masker = Masker(self._secrets)
+        write = self._writer(job, masker)
+        try:
+            code = self.driver.execute(job.name, job_script(job.commands), write)
+        except DjinnError as exc:
+            write(f"\ndjinn: {exc}\n".encode())
+            code = -1
+        except Exception as exc:  # a bug: fail the job and let the caller report it
+            self.error = exc
+            write(f"\ndjinn: internal error running the job: {exc!r}\n".encode())
+            code = -1
+        if self._interrupted is not None:
+            status = self._interrupted
+        elif code == 0:
+            status = Status.PASSED
+        else:
+            status = Status.PASSED_WITH_FAILURES if can_fail else Status.FAILED
+        if self._interrupted is None:
+            self._collect(job, write)
+        self._finish_output(job, masker)
+        self.reporter.job_finished(job, status, ran=True)
+        return status
+
+    def _collect(self, job: JobPlan, write) -> None:
+        for artifact in job.artifacts:
+            found = False
+            try:
+                for path, data in self.driver.collect(artifact.source):
+                    found = True
+                    name = artifact.destination
+                    if "*" in name:
+                        name = name.replace("*", path.rsplit("/", 1)[-1])
+                    if self.artifacts is None:
+                        continue
+                    stored = self.artifacts.store(job.name, name, data)
+                    self.reporter.artifact_stored(job, path, stored)
+                    note = " (truncated to the store's limit)" if stored.truncated else ""
+                    write(f"Collected artifact {path} => {name}{note}\n".encode())
+            except DjinnError as exc:
+                write(f"djinn: artifact {artifact.source}: {exc}\n".encode())
+                continue
+            if not found:
+                write(f"djinn: artifact {artifact.source}: not found\n".encode())
+
+    def _writer(self, job: JobPlan, masker: Masker):
+        report = self.reporter.job_output
+
+        def write(data: bytes) -> None:
+            filtered = masker.feed(data)
+            if filtered:
+                report(job, filtered)
+
+        return write
+
+    def _finish_output(self, job: JobPlan, masker: Masker) -> None:
+        tail = masker.flush()
+        if tail:
+            self.reporter.job_output(job, tail)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(seconds, 60)
+    return f"{int(minutes)}m{secs:g}s" if minutes else f"{secs:g}s"

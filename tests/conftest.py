@@ -1,0 +1,57 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from djinn.plan import JobPlan
+from djinn.runner import Reporter
+from djinn.status import Status
+
+
+class RecordingReporter(Reporter):
+    """Keeps every callback so tests can check what the runner told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+        self.output: dict[str, bytearray] = {}
+        self.statuses: dict[str, Status] = {}
+        self.ran: dict[str, bool] = {}
+        self.artifacts: list[tuple[str, str, object]] = []
+        self.final: Status | None = None
+        self.started = threading.Event()
+        self.job_running = threading.Event()
+
+    def build_started(self) -> None:
+        self.events.append(("build_started",))
+        self.started.set()
+
+    def job_started(self, job: JobPlan) -> None:
+        self.events.append(("job_started", job.name))
+        self.output.setdefault(job.name, bytearray())
+        self.job_running.set()
+
+    def job_output(self, job: JobPlan, data: bytes) -> None:
+        self.output.setdefault(job.name, bytearray()).extend(data)
+
+    def job_finished(self, job: JobPlan, status: Status, ran: bool) -> None:
+        self.events.append(("job_finished", job.name, status, ran))
+        self.statuses[job.name] = status
+        self.ran[job.name] = ran
+
+    def artifact_stored(self, job, source, artifact) -> None:
+        self.artifacts.append((job.name, source, artifact))
+
+    def build_finished(self, status: Status) -> None:
+        self.events.append(("build_finished", status))
+        self.final = status
+
+    def text(self, job: str) -> str:
+        return bytes(self.output.get(job, b"")).decode()
+
+
+@pytest.fixture
+def reporter() -> RecordingReporter:
+    return RecordingReporter()

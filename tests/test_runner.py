@@ -1,0 +1,309 @@
+"""The runner engine driving real /bin/sh processes through the os driver."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from djinn.drivers.os import OSDriver
+from djinn.manifest import parse_manifest
+from djinn.output import Masker
+from djinn.plan import plan_build
+from djinn.runner import Runner, Variable
+from djinn.status import Status
+from djinn.store import DirectoryArtifacts, DirectoryObjects
+
+
+def make_runner(manifest: str, reporter, tmp_path: Path, **kwargs) -> tuple[Runner, OSDriver]:
+    m = parse_manifest(manifest)
+    driver = OSDriver()
+    variables = kwargs.pop("variables", [Variable(k, v) for k, v in m.env])
+    runner = Runner(
+        plan_build(m),
+        driver,
+        variables=variables,
+        objects=DirectoryObjects(tmp_path / "objects"),
+        artifacts=DirectoryArtifacts(tmp_path / "artifacts"),
+        reporter=reporter,
+        **kwargs,
+    )
+    return runner, driver
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[1][0] != "Z"
+
+
+MULTI = """
+driver: {type: os}
+env:
+  - SPACED=hello big world
+  - EQUALS=a=b=c
+stages: [build, test]
+jobs:
+  - stage: build
+    commands:
+      - echo "$SPACED|$EQUALS" > shared.txt
+  - stage: test
+    commands:
+      - cat shared.txt
+"""
+
+
+def test_passing_multi_stage_build(reporter, tmp_path):
+    runner, driver = make_runner(MULTI, reporter, tmp_path)
+    assert runner.run() is Status.PASSED
+    assert reporter.statuses == {"create-driver": "passed", "build.1": "passed", "test.1": "passed"}
+    assert [e[1] for e in reporter.events if e[0] == "job_started"] == ["create-driver", "build.1", "test.1"]
+    # set -x traces each command, and env values keep their spaces and '='.
+    assert "+ cat shared.txt\nhello big world|a=b=c\n" in reporter.text("test.1")
+    assert reporter.events[-1] == ("build_finished", Status.PASSED)
+    assert driver.root is None  # the build directory is gone
+
+
+FAILING = """
+driver: {type: os}
+stages: [one, two]
+jobs:
+  - stage: one
+    commands: ["echo before", "exit 3", "echo never"]
+    artifacts: [report.txt]
+  - stage: one
+    commands: ["echo should not run"]
+  - stage: two
+    commands: ["echo should not run"]
+"""
+
+
+def test_failing_job_stops_build_and_artifacts_still_collected(reporter, tmp_path):
+    manifest = FAILING.replace('"echo before"', '"echo partial > report.txt"')
+    runner, _ = make_runner(manifest, reporter, tmp_path)
+    assert runner.run() is Status.FAILED
+    assert reporter.statuses["one.1"] is Status.FAILED
+    assert "never" not in reporter.text("one.1")
+    # Jobs that never ran are finished with the build's final status.
+    assert reporter.statuses["one.2"] is Status.FAILED and reporter.ran["one.2"] is False
+    assert reporter.statuses["two.1"] is Status.FAILED and reporter.ran["two.1"] is False
+    assert "should not run" not in "".join(reporter.text(j) for j in reporter.output)
+    assert (tmp_path / "artifacts" / "report.txt").read_text() == "partial\n"
+    ((job, source, stored),) = reporter.artifacts
+    assert (job, source, stored.size) == ("one.1", "report.txt", 8)
+
+
+def test_allow_failures_gives_passed_with_failures(reporter, tmp_path):
+    manifest = """
+driver: {type: os}
+stages: [build, lint]
+allow_failures: [lint]
+jobs:
+  - {stage: lint, commands: ["false"]}
+  - {stage: lint, commands: ["echo lint goes on"]}
+  - {stage: build, commands: ['true']}
+"""
+    runner, _ = make_runner(manifest, reporter, tmp_path)
+    assert runner.run() is Status.PASSED_WITH_FAILURES
+    assert reporter.statuses["lint.1"] is Status.PASSED_WITH_FAILURES
+    assert reporter.statuses["lint.2"] is Status.PASSED
+    assert "lint goes on" in reporter.text("lint.2")
+
+
+def test_objects_placed(reporter, tmp_path):
+    (tmp_path / "objects" / "sub").mkdir(parents=True)
+    (tmp_path / "objects" / "sub" / "data.bin").write_bytes(b"\x00\x01object")
+    manifest = """
+driver: {type: os}
+objects: ["sub/data.bin => in/place.bin"]
+stages: [a]
+jobs:
+  - {stage: a, commands: ["od -c in/place.bin | head -1"]}
+"""
+    runner, _ = make_runner(manifest, reporter, tmp_path)
+    assert runner.run() is Status.PASSED
+    assert "Placed object sub/data.bin => in/place.bin" in reporter.text("create-driver")
+    assert "o   b   j   e   c   t" in reporter.text("a.1")
+
+
+def test_missing_object_fails_in_setup(reporter, tmp_path):
+    manifest = "driver: {type: os}\nobjects: [absent.txt]\nstages: [a]\njobs:\n  - {stage: a, commands: ['true']}\n"
+    runner, _ = make_runner(manifest, reporter, tmp_path)
+    assert runner.run() is Status.FAILED
+    assert reporter.statuses["create-driver"] is Status.FAILED
+    assert "object 'absent.txt' not found" in reporter.text("create-driver")
+    assert reporter.ran["a.1"] is False
+
+
+def test_masked_value_split_across_writes(reporter, tmp_path):
+    manifest = """
+driver: {type: os}
+stages: [a]
+jobs:
+  - stage: a
+    commands:
+      - set +x
+      - printf 'token=%s' "${TOKEN%%-*}"; sleep 0.5; printf -- '-%s done\\n' "${TOKEN#*-}"
+      - set -x
+      - echo "$TOKEN"
+"""
+    variables = [Variable("TOKEN", "s3cret-value", masked=True)]
+    runner, _ = make_runner(manifest, reporter, tmp_path, variables=variables)
+    assert runner.run() is Status.PASSED
+    out = reporter.text("a.1")
+    assert "s3cret" not in out
+    assert "token=xxxxxx done" in out
+    assert out.count("xxxxxx") == 3  # the split write, the echo, and its set -x trace
+
+
+def test_masker_unit_split_and_nul():
+    m = Masker(["hunter2"])
+    out = m.feed(b"pw: hun") + m.feed(b"te") + m.feed(b"r2\x00 hunt") + m.flush()
+    assert out == b"pw: xxxxxxNUL hunt"
+
+
+def test_nul_bytes_replaced(reporter, tmp_path):
+    manifest = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: [\"printf 'a\\\\000b'\"]}\n"
+    runner, _ = make_runner(manifest, reporter, tmp_path)
+    runner.run()
+    assert "aNULb" in reporter.text("a.1")
+
+
+SLEEPER = """
+driver: {type: os}
+stages: [a]
+jobs:
+  - stage: a
+    commands:
+      - sleep 600 & echo $! > child.pid
+      - echo $$ > shell.pid
+      - echo started
+      - sleep 600
+  - stage: a
+    commands: ["echo never"]
+"""
+
+
+def _pids_from_output(reporter) -> list[int]:
+    return [int(line) for line in reporter.text("a.1").splitlines() if line.isdigit()]
+
+
+def test_timeout_gives_timed_out_and_leaves_no_process(reporter, tmp_path):
+    manifest = SLEEPER.replace("- echo started", "- cat child.pid shell.pid")
+    runner, driver = make_runner(manifest, reporter, tmp_path, timeout=1.5)
+    started = time.monotonic()
+    assert runner.run() is Status.TIMED_OUT
+    assert time.monotonic() - started < 10
+    assert reporter.statuses["a.1"] is Status.TIMED_OUT
+    assert reporter.statuses["a.2"] is Status.TIMED_OUT and reporter.ran["a.2"] is False
+    pids = _pids_from_output(reporter)
+    assert len(pids) == 2
+    time.sleep(0.2)
+    assert not any(pid_alive(p) for p in pids)
+    assert driver.root is None
+
+
+def test_cancel_gives_killed(reporter, tmp_path):
+    manifest = SLEEPER.replace("- echo started", "- cat child.pid shell.pid")
+    runner, _ = make_runner(manifest, reporter, tmp_path)
+    result: list[Status] = []
+    thread = threading.Thread(target=lambda: result.append(runner.run()))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while len(_pids_from_output(reporter)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    runner.cancel()
+    thread.join(10)
+    assert result == [Status.KILLED]
+    assert reporter.statuses["a.1"] is Status.KILLED
+    assert reporter.final is Status.KILLED
+    time.sleep(0.2)
+    assert not any(pid_alive(p) for p in _pids_from_output(reporter))
+
+
+def test_background_process_does_not_hang_job(reporter, tmp_path):
+    manifest = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['sleep 600 &', 'echo done']}\n"
+    runner, _ = make_runner(manifest, reporter, tmp_path)
+    started = time.monotonic()
+    assert runner.run() is Status.PASSED
+    assert time.monotonic() - started < 8
+
+
+def test_artifact_escaping_build_dir_is_refused(reporter, tmp_path):
+    manifest = """
+driver: {type: os}
+stages: [a]
+jobs:
+  - stage: a
+    commands: ["echo secret > ../x", "ln -s /etc/passwd link"]
+    artifacts: ["../x", "link", "/etc/hostname"]
+"""
+    runner, _ = make_runner(manifest, reporter, tmp_path)
+    assert runner.run() is Status.PASSED
+    out = reporter.text("a.1")
+    assert "artifact ../x: artifact source '../x' leaves the build directory" in out
+    assert "artifact link: artifact source 'link' leaves the build directory" in out
+    assert "artifact /etc/hostname: artifact source '/etc/hostname' leaves the build directory" in out
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
+
+
+def test_glob_artifacts(reporter, tmp_path):
+    manifest = """
+driver: {type: os}
+stages: [a]
+jobs:
+  - stage: a
+    commands: ["mkdir out", "echo 1 > out/a.log", "echo 22 > out/b.log"]
+    artifacts: ["out/*.log => logs-*"]
+"""
+    runner, _ = make_runner(manifest, reporter, tmp_path)
+    assert runner.run() is Status.PASSED
+    assert (tmp_path / "artifacts" / "logs-a.log").read_text() == "1\n"
+    assert (tmp_path / "artifacts" / "logs-b.log").read_text() == "22\n"
+
+
+def test_object_destination_escaping_is_refused(reporter, tmp_path):
+    (tmp_path / "objects").mkdir()
+    (tmp_path / "objects" / "f").write_text("x")
+    manifest = "driver: {type: os}\nobjects: ['f => ../../evil']\nstages: [a]\njobs:\n  - {stage: a, commands: ['true']}\n"
+    runner, _ = make_runner(manifest, reporter, tmp_path)
+    assert runner.run() is Status.FAILED
+    assert "leaves the build directory" in reporter.text("create-driver")
+
+
+class SlowCreateDriver(OSDriver):
+    """An os driver whose creation never finishes until cancelled, to exercise the creation limit."""
+
+    def create(self, env, log):
+        super().create(env, log)
+        self._woken = threading.Event()
+        self._woken.wait(30)
+
+    def cancel(self):
+        super().cancel()
+        if hasattr(self, "_woken"):
+            self._woken.set()
+
+
+def test_driver_creation_limit_fails_build(reporter, tmp_path):
+    m = parse_manifest("driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['true']}\n")
+    runner = Runner(plan_build(m), SlowCreateDriver(), reporter=reporter, create_timeout=0.5)
+    assert runner.run() is Status.FAILED
+    assert "driver creation did not finish within 0s" not in reporter.text("create-driver")
+    assert "driver creation did not finish" in reporter.text("create-driver")
+    assert reporter.ran["a.1"] is False
+
+
+def test_env_reaches_child_only(reporter, tmp_path):
+    manifest = "driver: {type: os}\nenv: [DJINN_TEST_ONLY_CHILD=yes]\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo v=$DJINN_TEST_ONLY_CHILD']}\n"
+    runner, _ = make_runner(manifest, reporter, tmp_path)
+    runner.run()
+    assert "v=yes" in reporter.text("a.1")
+    assert "DJINN_TEST_ONLY_CHILD" not in os.environ
