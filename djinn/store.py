@@ -85,6 +85,7 @@ class DirectoryArtifacts:
         # Written beside the target and renamed, so a half-copied artifact is never seen.
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".djinn-")
         try:
+            os.fchmod(fd, 0o644)
             with os.fdopen(fd, "wb") as out:
                 stored = copy_hashed(data, out, self.limit)
             os.replace(tmp, target)

@@ -1,0 +1,158 @@
+"""`djinn`: the offline runner. Runs one manifest on this machine, no Redis or PostgreSQL needed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import BinaryIO, Sequence
+
+from djinn.cli import EXIT_INVALID, ArgumentParser, fail
+from djinn.config import load_driver_config, DriverConfig
+from djinn.config.language import parse_duration
+from djinn.drivers import make_driver
+from djinn.errors import DjinnError
+from djinn.manifest import load_manifest
+from djinn.plan import JobPlan, plan_build
+from djinn.runner import DEFAULT_TIMEOUT, Reporter, Runner, Variable
+from djinn.status import Status
+from djinn.store import DirectoryArtifacts, DirectoryObjects, StoredArtifact
+
+PROG = "djinn"
+
+
+class TerminalReporter(Reporter):
+    """Prints each job's output live under a header naming its stage and job."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.stage: str | None = None
+        self.at_line_start = True
+
+    def _line(self, text: str) -> None:
+        if not self.at_line_start:
+            self.out.write(b"\n")
+        self.out.write(text.encode() + b"\n")
+        self.out.flush()
+        self.at_line_start = True
+
+    def job_started(self, job: JobPlan) -> None:
+        if job.stage != self.stage:
+            self.stage = job.stage
+            self._line(f"==> Running stage {job.stage}")
+        self._line(f"==> Running job {job.name} ({job.stage})")
+
+    def job_output(self, job: JobPlan, data: bytes) -> None:
+        self.out.write(data)
+        self.out.flush()
+        self.at_line_start = data.endswith(b"\n")
+
+    def job_finished(self, job: JobPlan, status: Status, ran: bool) -> None:
+        if ran:
+            self._line(f"==> Job {job.name} {status}")
+
+    def build_finished(self, status: Status) -> None:
+        self._line(f"==> Build {status}")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=PROG,
+        description="Run a Djinn CI build manifest locally, printing its output as it runs. "
+        "Exit status: 0 when the build passed (or passed with failures), 1 when it failed, "
+        "was killed or timed out, 2 for invalid input.",
+    )
+    parser.add_argument("-manifest", "--manifest", default=".djinn.yml", metavar="FILE", help="the build manifest (default .djinn.yml)")
+    parser.add_argument(
+        "-driver",
+        "--driver",
+        default=None,
+        metavar="FILE",
+        help="driver config (default djinn-driver.conf if it exists, else built-in defaults)",
+    )
+    parser.add_argument("-objects", "--objects", default=".", metavar="DIR", help="where the manifest's objects are read from (default .)")
+    parser.add_argument("-artifacts", "--artifacts", default=".", metavar="DIR", help="where artifacts are written, as DIR/<name> (default .)")
+    parser.add_argument("-stage", "--stage", default=None, metavar="NAME", help="run only the setup stage and this stage")
+    parser.add_argument(
+        "-timeout",
+        "--timeout",
+        default=None,
+        metavar="DURATION",
+        help="bound the whole build, e.g. 90s, 10m, 1h30m (default 30m)",
+    )
+    parser.add_argument("-env", "--env", action="append", default=[], metavar="KEY=VALUE", help="add a build variable (repeatable)")
+    parser.add_argument(
+        "-secret",
+        "--secret",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="add a masked build variable: its value is shown as xxxxxx in output (repeatable)",
+    )
+    return parser
+
+
+def _variables(pairs: Sequence[str], masked: bool) -> list[Variable]:
+    out = []
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise DjinnError(f"{pair!r} is not KEY=VALUE")
+        out.append(Variable(key, value, masked))
+    return out
+
+
+def _driver_config(path: str | None) -> DriverConfig:
+    if path is None:
+        return load_driver_config("djinn-driver.conf") if os.path.exists("djinn-driver.conf") else DriverConfig.defaults()
+    return load_driver_config(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        manifest = load_manifest(args.manifest)
+        config = _driver_config(args.driver)
+        plan = plan_build(manifest)
+        if args.stage is not None:
+            try:
+                plan = plan.only_stage(args.stage)
+            except KeyError as exc:
+                raise DjinnError(exc.args[0]) from None
+        timeout = parse_duration(args.timeout).total_seconds() if args.timeout else DEFAULT_TIMEOUT
+        variables = [Variable(k, v) for k, v in manifest.env]
+        variables += _variables(args.env, False) + _variables(args.secret, True)
+        settings = {**config.settings_for(manifest.driver_type), **manifest.driver}
+        driver = make_driver(manifest.driver_type, settings)
+    except DjinnError as exc:
+        return fail(PROG, exc, EXIT_INVALID)
+
+    runner = Runner(
+        plan,
+        driver,
+        variables=variables,
+        objects=DirectoryObjects(args.objects),
+        artifacts=DirectoryArtifacts(args.artifacts),
+        reporter=TerminalReporter(sys.stdout.buffer),
+        timeout=timeout,
+    )
+
+    def on_signal(signum: int, frame: object) -> None:
+        # Cancel from another thread: the driver takes locks the interrupted code may hold.
+        threading.Thread(target=runner.cancel, args=(Status.KILLED,), daemon=True).start()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = runner.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if runner.error is not None:
+        print(f"{PROG}: internal error: {runner.error!r}", file=sys.stderr)
+    return 0 if status.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
