@@ -1,0 +1,616 @@
+"""The docker driver: each job runs in its own container, a volume carries the workspace between them.
+
+Settings: `host` and `version` (driver config; None = DOCKER_HOST or the local
+socket, and a negotiated API version), `image` and `workspace` (manifest), and
+optionally `build_id` and `worker` (given by the worker daemon; a random id and
+"offline" otherwise) which label every container and volume so `sweep` can find
+what a dead worker left behind.
+
+Why it looks the way it does (upstream made three containers per job):
+- One container per job, and nothing else. The job script is handed to
+  `/bin/sh -c` as the container's entrypoint, so no copy into the container is
+  needed (a copy costs the engine ~50 ms); only a script too big for one
+  argument is copied in as `/.djinn/<job>.sh` instead.
+- The workspace volume is created by the engine with the first container (with
+  its labels), saving a round trip. Objects and keys are buffered by `place` and
+  copied in with one archive upload into the first job's container before it
+  starts; keys live in a second volume at /root/.ssh so every later job has
+  them too. Other absolute destinations are copied into every job's container.
+- Output is read from an attach made before the container starts, so nothing
+  is missed and nothing waits on the engine's log files; the container logs to
+  nothing (masked values never reach the engine's disk).
+- A job's container is kept until the next job has started, so artifacts can
+  be copied out of it (also when it failed), then removed while the next job runs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import logging
+import os
+import posixpath
+import struct
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+from typing import Any, BinaryIO, Callable, Collection, Iterable, Iterator, Mapping
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import LogConfig, Mount
+
+from djinn.drivers.base import Driver, Output
+from djinn.errors import DriverError
+from djinn.paths import PathEscapeError
+
+log = logging.getLogger(__name__)
+
+BUILD_LABEL = "djinn.build"
+WORKER_LABEL = "djinn.worker"
+JOB_LABEL = "djinn.job"
+DEFAULT_WORKER = "offline"
+#: Where keys go; a volume is mounted there when anything is placed under it.
+SSH_DIR = "/root/.ssh"
+#: Where a script too big for the command line is copied to.
+SCRIPT_DIR = "/.djinn"
+# One argument to exec may be at most 128 KiB on Linux (MAX_ARG_STRLEN); keep clear of it.
+MAX_INLINE_SCRIPT = 96 * 1024
+SPOOL_SIZE = 8 << 20
+READ_SIZE = 1 << 16
+SIGKILL_STATUS = -9
+# Engine errors that mean "already gone" while removing things.
+_GONE = (docker.errors.NotFound,)
+
+# The engine errors we turn into DriverError: connection problems and API refusals.
+_ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+
+
+def _explain(exc: BaseException) -> str:
+    if isinstance(exc, docker.errors.APIError) and exc.explanation:
+        return str(exc.explanation)
+    return str(exc) or type(exc).__name__
+
+
+# API versions negotiated per engine address: a warm worker skips the round trip on later builds.
+_negotiated: dict[str, str] = {}
+
+
+def _api_client(host: str | None, version: str | None) -> docker.APIClient:
+    """A low-level client: DOCKER_HOST (and its TLS settings) unless `host` is given."""
+    kwargs = docker.utils.kwargs_from_env()
+    if host:
+        kwargs["base_url"] = host
+    key = str(kwargs.get("base_url"))
+    try:
+        if version:
+            return docker.APIClient(version=version, **kwargs)
+        if key in _negotiated:
+            return docker.APIClient(version=_negotiated[key], **kwargs)
+        api = docker.APIClient(version="auto", **kwargs)
+        _negotiated[key] = api.api_version
+        return api
+    except _ENGINE_ERRORS as exc:
+        raise DriverError(f"cannot reach the Docker engine at {_address(host)}: {_explain(exc)}") from None
+
+
+def _address(host: str | None) -> str:
+    """The engine's address as a user would write it, for messages."""
+    return host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+class _ChunkReader(io.RawIOBase):
+    """A file over an iterator of byte chunks, for tarfile's streaming mode."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._buffer = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        while not self._buffer:
+            try:
+                self._buffer = memoryview(next(self._chunks))
+            except StopIteration:
+                return 0
+        n = min(len(target), len(self._buffer))
+        target[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+
+class _Placement:
+    """One file for the container: its path (without the leading /), mode and spooled content."""
+
+    def __init__(self, path: str, data: BinaryIO, mode: int) -> None:
+        self.path = path.lstrip("/")
+        self.mode = mode
+        self.data = tempfile.SpooledTemporaryFile(max_size=SPOOL_SIZE)
+        while chunk := data.read(READ_SIZE):
+            self.data.write(chunk)
+        self.size = self.data.tell()
+
+    def add_to(self, tar: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo(self.path)
+        info.size = self.size
+        info.mode = self.mode
+        info.mtime = int(time.time())
+        self.data.seek(0)
+        tar.addfile(info, self.data)
+
+    def close(self) -> None:
+        self.data.close()
+
+
+class DockerDriver(Driver):
+    type = "docker"
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__(settings)
+        self.image = str(self.settings.get("image") or "")
+        self.workspace = str(self.settings.get("workspace") or "")
+        self.host = self.settings.get("host") or None
+        self.version = self.settings.get("version") or None
+        self.build_id = str(self.settings.get("build_id") or uuid.uuid4().hex)
+        self.worker = str(self.settings.get("worker") or DEFAULT_WORKER)
+        self.labels = {BUILD_LABEL: self.build_id, WORKER_LABEL: self.worker}
+        suffix = uuid.uuid4().hex[:12]
+        # Named per driver, not per build id alone: a rerun of a build must never see a stale workspace.
+        self.volume = f"djinn-{self.build_id}-{suffix}"
+        self.ssh_volume = f"{self.volume}-ssh"
+        self.api: docker.APIClient | None = None
+        self.env: list[str] = []
+        self._lock = threading.Lock()
+        self._cancelled = threading.Event()
+        self._running: str | None = None  # the started container cancel must kill
+        self._containers: list[str] = []  # created and not yet removed, oldest first
+        self._volumes: list[str] = []  # that containers may have created
+        self._last: str | None = None  # the last job's container, for collect
+        self._pending: list[_Placement] = []  # for the volumes, copied once
+        self._overlay: list[_Placement] = []  # elsewhere, copied into every job's container
+        self._ssh_used = False
+        #: What destroy could not remove (left for the sweep).
+        self.leftovers: list[str] = []
+
+    @classmethod
+    def check(cls, settings: Mapping[str, Any]) -> None:
+        """At worker start-up: the Docker engine answers (a clear DriverError when it does not)."""
+        api = _api_client(settings.get("host") or None, settings.get("version") or None)
+        try:
+            api.ping()
+        except _ENGINE_ERRORS as exc:
+            raise DriverError(f"cannot reach the Docker engine at {_address(settings.get('host') or None)}: {_explain(exc)}") from None
+        finally:
+            api.close()
+
+    # --- create -------------------------------------------------------------
+
+    def create(self, env: Mapping[str, str], log: Output) -> None:
+        if not self.image:
+            raise DriverError("the docker driver needs an image (driver.image in the manifest)")
+        ws = self.workspace
+        if not ws.startswith("/") or posixpath.normpath(ws) == "/":
+            raise DriverError(f"the docker workspace must be an absolute path other than /, got {ws!r}")
+        self.workspace = posixpath.normpath(ws)
+        if self._cancelled.is_set():
+            raise DriverError("the build was cancelled")
+        self.env = [f"{k}={v}" for k, v in env.items()]
+        log(b"Running with Docker driver...\n")
+        self.api = _api_client(self.host, self.version)
+        image_id = self._ensure_image(log)
+        log(f"Using Docker image {self.image} - {image_id}...\n".encode())
+
+    def _ensure_image(self, log: Output) -> str:
+        """The image's id: used when present, pulled when absent, else a DriverError naming it."""
+        assert self.api is not None
+        try:
+            return self.api.inspect_image(self.image)["Id"]
+        except docker.errors.ImageNotFound:
+            pass
+        except requests.exceptions.ConnectionError as exc:
+            raise DriverError(f"cannot reach the Docker engine at {_address(self.host)}: {_explain(exc)}") from None
+        except _ENGINE_ERRORS as exc:
+            raise DriverError(f"cannot inspect Docker image {self.image!r}: {_explain(exc)}") from None
+        log(f"Image {self.image} is not present, pulling it...\n".encode())
+        error: list[str] = []
+        done = threading.Event()
+        api = self.api
+
+        def pull() -> None:
+            try:
+                for event in api.pull(self.image, stream=True, decode=True):
+                    if isinstance(event, dict) and event.get("error"):
+                        error.append(str(event["error"]))
+            except _ENGINE_ERRORS as exc:
+                error.append(_explain(exc))
+            finally:
+                done.set()
+
+        # A pull may take minutes: in a thread, so cancel (kill, creation limit) is not held up by it.
+        threading.Thread(target=pull, name=f"djinn-pull-{self.build_id}", daemon=True).start()
+        while not done.wait(0.1):
+            if self._cancelled.is_set():
+                raise DriverError(f"pulling Docker image {self.image!r} was cancelled")
+        if error:
+            raise DriverError(
+                f"Docker image {self.image!r} is not present and could not be pulled: {error[-1]}"
+            )
+        try:
+            return self.api.inspect_image(self.image)["Id"]
+        except _ENGINE_ERRORS as exc:
+            raise DriverError(f"Docker image {self.image!r} was pulled but cannot be inspected: {_explain(exc)}") from None
+
+    # --- place --------------------------------------------------------------
+
+    def _in_workspace(self, path: str, what: str) -> str:
+        """`path` (relative to the workspace, or absolute) as an absolute path, refused outside it."""
+        full = posixpath.normpath(posixpath.join(self.workspace, path))
+        if full != self.workspace and not full.startswith(self.workspace + "/"):
+            raise PathEscapeError(f"{what} {path!r} leaves the workspace {self.workspace}; use a path inside it")
+        return full
+
+    def place(self, dest: str, data: BinaryIO, mode: int = 0o644) -> None:
+        if self.api is None:
+            raise DriverError("the docker driver was used before it was created")
+        if dest.startswith("/"):
+            full = posixpath.normpath(dest)
+            if full == self.workspace:
+                raise DriverError(f"object destination {dest!r} is the workspace itself; name a file")
+            if full.startswith(self.workspace + "/"):
+                self._pending.append(_Placement(full, data, mode))
+            elif full.startswith(SSH_DIR + "/"):
+                self._ssh_used = True
+                self._pending.append(_Placement(full, data, mode))
+            else:
+                self._overlay.append(_Placement(full, data, mode))
+        else:
+            full = self._in_workspace(dest, "object destination")
+            if full == self.workspace:
+                raise DriverError(f"object destination {dest!r} is the workspace itself; name a file")
+            self._pending.append(_Placement(full, data, mode))
+
+    def _upload(self, container: str, extra: list[_Placement]) -> None:
+        """Copy pending placements, the overlay and `extra` into a created container, in one archive."""
+        items = [*self._pending, *self._overlay, *extra]
+        if not items:
+            return
+        assert self.api is not None
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_SIZE) as archive:
+            with tarfile.open(fileobj=archive, mode="w", format=tarfile.GNU_FORMAT) as tar:
+                if any(p.path.startswith(SSH_DIR.lstrip("/") + "/") for p in items):
+                    info = tarfile.TarInfo(SSH_DIR.lstrip("/"))
+                    info.type = tarfile.DIRTYPE
+                    info.mode = 0o700
+                    info.mtime = int(time.time())
+                    tar.addfile(info)
+                for item in items:
+                    item.add_to(tar)
+            archive.seek(0)
+            try:
+                self.api.put_archive(container, "/", archive)
+            except _ENGINE_ERRORS as exc:
+                raise DriverError(f"cannot copy objects and keys into the container: {_explain(exc)}") from None
+        for item in self._pending:
+            item.close()
+        self._pending = []
+
+    # --- execute ------------------------------------------------------------
+
+    def _mounts(self) -> list[Mount]:
+        labels = dict(self.labels)
+        mounts = [Mount(target=self.workspace, source=self.volume, type="volume", labels=labels)]
+        if self._ssh_used:
+            mounts.append(Mount(target=SSH_DIR, source=self.ssh_volume, type="volume", labels=labels))
+        return mounts
+
+    def execute(self, name: str, script: bytes, output: Output) -> int:
+        if self.api is None:
+            raise DriverError("the docker driver was used before it was created")
+        if self._cancelled.is_set():
+            return SIGKILL_STATUS
+        api = self.api
+        extra: list[_Placement] = []
+        try:
+            text = script.decode()
+        except UnicodeDecodeError:
+            text = None
+        if text is not None and len(script) <= MAX_INLINE_SCRIPT and "\0" not in text:
+            entrypoint = ["/bin/sh", "-c", text, f"{name}.sh"]
+        else:
+            path = f"{SCRIPT_DIR}/{name}.sh"
+            extra.append(_Placement(path, io.BytesIO(script), 0o755))
+            entrypoint = ["/bin/sh", path]
+        host_config = api.create_host_config(mounts=self._mounts(), log_config=LogConfig(type=LogConfig.types.NONE))
+        with self._lock:
+            # Volumes the engine may create with this container: destroy removes them.
+            for volume in [m["Source"] for m in host_config["Mounts"]]:
+                if volume not in self._volumes:
+                    self._volumes.append(volume)
+        try:
+            container = api.create_container(
+                self.image,
+                entrypoint=entrypoint,
+                environment=self.env,
+                working_dir=self.workspace,
+                labels={**self.labels, JOB_LABEL: name},
+                host_config=host_config,
+                stdin_open=False,
+                tty=False,
+            )["Id"]
+        except _ENGINE_ERRORS as exc:
+            raise DriverError(f"cannot create the container for job {name}: {_explain(exc)}") from None
+        previous = self._last
+        with self._lock:
+            self._containers.append(container)
+            self._last = container
+        try:
+            self._upload(container, extra)
+        finally:
+            for item in extra:
+                item.close()
+        try:
+            sock = api.attach_socket(container, params={"stdout": 1, "stderr": 1, "stream": 1, "logs": 0})
+        except _ENGINE_ERRORS as exc:
+            raise DriverError(f"cannot attach to the container for job {name}: {_explain(exc)}") from None
+        try:
+            with self._lock:
+                if self._cancelled.is_set():
+                    return SIGKILL_STATUS
+                try:
+                    api.start(container)
+                except _ENGINE_ERRORS as exc:
+                    raise DriverError(f"cannot start the container for job {name}: {_explain(exc)}") from None
+                self._running = container
+            # The previous job's container is no longer needed for artifacts: remove it while this job runs.
+            if previous is not None:
+                self._remove_container(previous)
+            _stream(sock, output)
+        finally:
+            _close(sock)
+            with self._lock:
+                self._running = None
+        try:
+            return int(api.wait(container, timeout=None)["StatusCode"])
+        except _ENGINE_ERRORS as exc:
+            if self._cancelled.is_set():
+                return SIGKILL_STATUS
+            raise DriverError(f"cannot get the exit status of job {name}: {_explain(exc)}") from None
+
+    # --- collect ------------------------------------------------------------
+
+    def collect(self, source: str) -> Iterator[tuple[str, BinaryIO]]:
+        full = self._in_workspace(source, "artifact source")
+        container = self._last
+        if self.api is None or container is None:
+            raise DriverError("no job has run, so there is no container to collect artifacts from")
+        if "*" in source:
+            yield from self._collect_glob(container, full)
+            return
+        try:
+            chunks, stat = self.api.get_archive(container, full)
+        except docker.errors.NotFound:
+            return
+        except _ENGINE_ERRORS as exc:
+            raise DriverError(f"cannot copy {source!r} out of the container: {_explain(exc)}") from None
+        target = (stat or {}).get("linkTarget") or ""
+        if target and target != full:
+            # A symlink: follow it only while it stays inside the workspace.
+            _close_chunks(chunks)
+            resolved = posixpath.normpath(target)
+            if resolved != self.workspace and not resolved.startswith(self.workspace + "/"):
+                raise PathEscapeError(f"artifact source {source!r} links outside the workspace ({target})")
+            try:
+                chunks, _ = self.api.get_archive(container, resolved)
+            except docker.errors.NotFound:
+                return
+            except _ENGINE_ERRORS as exc:
+                raise DriverError(f"cannot copy {source!r} out of the container: {_explain(exc)}") from None
+        with tarfile.open(fileobj=io.BufferedReader(_ChunkReader(chunks), READ_SIZE), mode="r|") as tar:
+            member = tar.next()
+            if member is not None and member.isfile():
+                stream = tar.extractfile(member)
+                if stream is not None:
+                    yield posixpath.relpath(full, self.workspace), stream
+
+    def _collect_glob(self, container: str, pattern: str) -> Iterator[tuple[str, BinaryIO]]:
+        """Files matching `pattern` (a `*` in a component matches within it), from one archive of their directory."""
+        assert self.api is not None
+        parts = pattern.split("/")
+        first = next(i for i, p in enumerate(parts) if "*" in p)
+        base = "/".join(parts[:first]) or "/"
+        try:
+            chunks, _ = self.api.get_archive(container, base)
+        except docker.errors.NotFound:
+            return
+        except _ENGINE_ERRORS as exc:
+            raise DriverError(f"cannot copy {base!r} out of the container: {_explain(exc)}") from None
+        # Entries are named from the base directory's own name: rebase them onto its parent.
+        parent = posixpath.dirname(base.rstrip("/")) if base != "/" else ""
+        with tarfile.open(fileobj=io.BufferedReader(_ChunkReader(chunks), READ_SIZE), mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                path = posixpath.normpath(posixpath.join(parent or "/", member.name))
+                if _glob_match(path, parts):
+                    stream = tar.extractfile(member)
+                    if stream is not None:
+                        yield posixpath.relpath(path, self.workspace), stream
+
+    # --- cancel and destroy -------------------------------------------------
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled.set()
+            container = self._running
+            api = self.api
+        if container is not None and api is not None:
+            try:
+                api.kill(container)
+            except _ENGINE_ERRORS:
+                pass  # already exited, or the engine is gone: destroy removes it either way
+
+    def _remove_container(self, container: str) -> None:
+        assert self.api is not None
+        try:
+            self.api.remove_container(container, force=True)
+        except _GONE:
+            pass
+        except _ENGINE_ERRORS:
+            return  # left for destroy's retry and, failing that, the sweep
+        with self._lock:
+            if container in self._containers:
+                self._containers.remove(container)
+
+    def destroy(self) -> None:
+        self.cancel()
+        if self.api is None:
+            return
+        errors = []
+        for container in list(self._containers):
+            self._remove_container(container)
+        for volume in list(self._volumes):
+            for attempt in range(10):
+                try:
+                    self.api.remove_volume(volume, force=True)
+                except _GONE:
+                    pass
+                except docker.errors.APIError as exc:
+                    # In use for a moment after its last container was removed.
+                    if exc.status_code == 409 and attempt < 9:
+                        time.sleep(0.05)
+                        continue
+                    errors.append(f"volume {volume}: {_explain(exc)}")
+                except _ENGINE_ERRORS as exc:
+                    errors.append(f"volume {volume}: {_explain(exc)}")
+                break
+            with self._lock:
+                self._volumes.remove(volume)
+        errors += [f"container {c[:12]} was not removed" for c in self._containers]
+        for item in [*self._pending, *self._overlay]:
+            item.close()
+        self._pending, self._overlay = [], []
+        self._last = None
+        # Not raised: destroy runs in the runner's cleanup. What is left is logged, kept in
+        # `leftovers`, and removed by the worker's start-up sweep (it carries the build's labels).
+        self.leftovers = errors
+        if errors:
+            log.warning("docker build %s: could not remove everything: %s", self.build_id, "; ".join(errors))
+        with self._lock:
+            api, self.api = self.api, None
+        api.close()
+
+
+def _glob_match(path: str, parts: list[str]) -> bool:
+    """`path` matches the pattern split in `parts`; `*` stays within one component, hidden files need a dot."""
+    names = path.split("/")
+    if len(names) != len(parts):
+        return False
+    for name, part in zip(names, parts, strict=True):
+        if "*" not in part:
+            if name != part:
+                return False
+        elif (name.startswith(".") and not part.startswith(".")) or not fnmatch.fnmatchcase(name, part):
+            return False
+    return True
+
+
+def _stream(sock: Any, output: Output) -> None:
+    """Copy an attach stream (8-byte frame headers: stream, 0, 0, 0, big-endian length) to `output`."""
+    raw = getattr(sock, "_sock", sock)
+    if hasattr(raw, "settimeout"):
+        raw.settimeout(None)  # a job may be silent for longer than the client's request timeout
+    read = sock.read if hasattr(sock, "read") else sock.recv
+    while True:
+        header = _read_exact(read, 8)
+        if len(header) < 8:
+            return
+        (size,) = struct.unpack(">4xL", header)
+        while size:
+            data = read(min(size, READ_SIZE))
+            if not data:
+                return
+            size -= len(data)
+            output(data)
+
+
+def _read_exact(read: Callable[[int], bytes], n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = read(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _close(sock: Any) -> None:
+    for closable in (getattr(sock, "_sock", None), sock):
+        try:
+            if closable is not None:
+                closable.close()
+        except OSError:
+            pass
+
+
+def _close_chunks(chunks: Any) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
+
+
+def _client(client_or_settings: Any) -> tuple[docker.APIClient, bool]:
+    """A low-level client from a client, a high-level client, or settings (host, version); and whether we own it."""
+    if isinstance(client_or_settings, docker.APIClient):
+        return client_or_settings, False
+    if isinstance(client_or_settings, docker.DockerClient):
+        return client_or_settings.api, False
+    settings = client_or_settings or {}
+    return _api_client(settings.get("host") or None, settings.get("version") or None), True
+
+
+def sweep(
+    client_or_settings: Any,
+    keep: Callable[[str], bool] | Collection[str] = (),
+    worker: str | None = None,
+) -> list[str]:
+    """Remove containers and volumes of builds that are no longer running; returns what was removed.
+
+    A worker calls it at start-up with the ids of builds still running (`keep`, a set
+    or a predicate) and its own name, so leftovers of a crashed worker do not pile up
+    and other workers' builds on a shared engine are left alone (worker=None: any worker).
+    """
+    api, owned = _client(client_or_settings)
+    keeping = keep if callable(keep) else (lambda build, ids=frozenset(keep): build in ids)
+    wanted = [BUILD_LABEL] + ([f"{WORKER_LABEL}={worker}"] if worker is not None else [])
+    removed: list[str] = []
+    try:
+        for container in api.containers(all=True, filters={"label": wanted}):
+            if keeping(container.get("Labels", {}).get(BUILD_LABEL, "")):
+                continue
+            try:
+                api.remove_container(container["Id"], force=True)
+            except _GONE:
+                continue
+            removed.append(f"container {container['Id'][:12]}")
+        for volume in api.volumes(filters={"label": wanted}).get("Volumes") or []:
+            if keeping((volume.get("Labels") or {}).get(BUILD_LABEL, "")):
+                continue
+            try:
+                api.remove_volume(volume["Name"], force=True)
+            except _GONE:
+                continue
+            removed.append(f"volume {volume['Name']}")
+    except _ENGINE_ERRORS as exc:
+        raise DriverError(f"cannot sweep leftover build containers: {_explain(exc)}") from None
+    finally:
+        if owned:
+            api.close()
+    return removed
+
+
+DRIVER = DockerDriver
