@@ -1,7 +1,27 @@
 """djinn: the Python build worker for Djinn CI.
 
-The path of a build through the package: manifest -> plan -> (tasks -> builds in
-PostgreSQL) -> runner -> drivers -> store.
+The path of a build through the package: manifest -> plan -> submit (rows in
+PostgreSQL) -> tasks (Celery) -> execute -> runner -> drivers -> store.
+
+`celery -A djinn worker` finds the Celery app here as `djinn.app` (djinn.queue
+makes it); it is made on first use so the offline runner never loads Celery.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+
+_app: Any = None
+
+
+def __getattr__(name: str) -> Any:
+    global _app
+    if name in ("app", "celery"):
+        if _app is None:
+            from djinn.queue import make_app
+
+            _app = make_app()
+        return _app
+    raise AttributeError(name)

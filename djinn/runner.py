@@ -114,12 +114,18 @@ class Runner:
                 results.append(self._run_job(job, can_fail))
         finally:
             timer.cancel()
-            self.driver.destroy()
+            self._destroy()
         final = max([*results, self._interrupted or Status.PASSED])
         for job, _ in jobs[len(results):]:
             self.reporter.job_finished(job, final, ran=False)
         self.reporter.build_finished(final)
         return final
+
+    def _destroy(self) -> None:
+        try:
+            self.driver.destroy()
+        except Exception as exc:  # the build's outcome stands; what is left is the caller's to report
+            self.error = self.error or exc
 
     def _create(self, job: JobPlan) -> Status:
         """The create-driver job: bring the driver up, then place objects and keys."""
@@ -210,7 +216,7 @@ class Runner:
                         name = name.replace("*", path.rsplit("/", 1)[-1])
                     if self.artifacts is None:
                         continue
-                    stored = self.artifacts.store(job.name, name, data)
+                    stored = self.artifacts.store(job, name, data)
                     self.reporter.artifact_stored(job, path, stored)
                     note = " (truncated to the store's limit)" if stored.truncated else ""
                     write(f"Collected artifact {path} => {name}{note}\n".encode())

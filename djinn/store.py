@@ -7,7 +7,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from djinn.errors import DjinnError
 from djinn.paths import resolve_inside
@@ -34,8 +34,8 @@ class ObjectStore(Protocol):
 
 
 class ArtifactStore(Protocol):
-    def store(self, job: str, name: str, data: BinaryIO) -> StoredArtifact:
-        """Keep one artifact of `job` under `name`."""
+    def store(self, job: Any, name: str, data: BinaryIO) -> StoredArtifact:
+        """Keep one artifact of `job` (a plan.JobPlan) under `name`."""
 
 
 def copy_hashed(data: BinaryIO, out: BinaryIO, limit: int = 0) -> StoredArtifact:
@@ -71,6 +71,21 @@ class DirectoryObjects:
             raise StoreError(f"cannot read object {name!r}: {exc.strerror}") from None
 
 
+def write_file(target: Path, data: BinaryIO, limit: int = 0) -> StoredArtifact:
+    """Write `data` to `target` via a temporary file beside it, so a half copy is never seen."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".djinn-")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as out:
+            stored = copy_hashed(data, out, limit)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return stored
+
+
 class DirectoryArtifacts:
     """Artifacts written as `<dir>/<name>` (the offline runner's `-artifacts DIR`)."""
 
@@ -78,18 +93,31 @@ class DirectoryArtifacts:
         self.root = Path(root)
         self.limit = limit
 
-    def store(self, job: str, name: str, data: BinaryIO) -> StoredArtifact:
+    def store(self, job: Any, name: str, data: BinaryIO) -> StoredArtifact:
         self.root.mkdir(parents=True, exist_ok=True)
-        target = resolve_inside(self.root, name, "artifact name")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Written beside the target and renamed, so a half-copied artifact is never seen.
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".djinn-")
-        try:
-            os.fchmod(fd, 0o644)
-            with os.fdopen(fd, "wb") as out:
-                stored = copy_hashed(data, out, self.limit)
-            os.replace(tmp, target)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        stored = write_file(resolve_inside(self.root, name, "artifact name"), data, self.limit)
         return StoredArtifact(name, stored.size, stored.md5, stored.sha256, stored.truncated)
+
+
+class FileStore:
+    """The worker's `store` blocks of type file: each file kept as `<path>/<user_id>/<hash>`."""
+
+    def __init__(self, root: str | Path, limit: int = 0) -> None:
+        self.root = Path(root)
+        self.limit = limit
+
+    def path(self, user_id: int, hash: str) -> Path:
+        return resolve_inside(self.root, f"{int(user_id)}/{hash}", "stored file")
+
+    def open(self, user_id: int, hash: str) -> BinaryIO:
+        try:
+            return open(self.path(user_id, hash), "rb")
+        except FileNotFoundError:
+            raise StoreError(f"{self.path(user_id, hash)} is missing from the store") from None
+
+    def write(self, user_id: int, hash: str, data: BinaryIO) -> StoredArtifact:
+        """Keep `data`, truncated to the store's limit (the documented upstream behaviour)."""
+        return write_file(self.path(user_id, hash), data, self.limit)
+
+    def remove(self, user_id: int, hash: str) -> None:
+        self.path(user_id, hash).unlink(missing_ok=True)

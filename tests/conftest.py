@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# Fixture modules: registered once here so a session fixture (a server) starts once.
+pytest_plugins = ["worker_support", "sshd_support", "docker_support"]
+
 import threading
 
 import pytest

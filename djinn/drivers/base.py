@@ -45,6 +45,10 @@ class Driver(abc.ABC):
     def destroy(self) -> None:
         """Remove everything the build made. Safe to call more than once."""
 
+    @classmethod
+    def check(cls, settings: Mapping[str, Any]) -> None:
+        """Raise DriverError when this host cannot run builds with this driver (checked at start-up)."""
+
     def key_location(self, name: str) -> str:
         """Where a build key named `name` is placed."""
         return posixpath.join("/root/.ssh", name)

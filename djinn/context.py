@@ -1,0 +1,93 @@
+"""What a worker process needs to run builds, made once per process from the config files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from celery import Celery
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from djinn.config import DriverConfig, WorkerConfig, load_driver_config, load_worker_config
+from djinn.crypto import Cipher
+from djinn.db import make_engine, sessions
+from djinn.store import FileStore
+
+
+@dataclass
+class WorkerContext:
+    config: WorkerConfig
+    drivers: DriverConfig
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+    @classmethod
+    def from_files(cls, config_path: str, driver_path: str) -> "WorkerContext":
+        return cls(load_worker_config(config_path), load_driver_config(driver_path))
+
+    @property
+    def stale_after(self) -> dt.timedelta:
+        """A heartbeat older than this means the worker died: three beats were missed."""
+        return self.config.orphan_timeout * 3 / 4
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.config.orphan_timeout.total_seconds() / 4
+
+    @property
+    def reaper_interval(self) -> float:
+        # Stale after 3/4 of orphan_timeout, seen within 1/8 more: noticed within orphan_timeout.
+        return self.config.orphan_timeout.total_seconds() / 8
+
+    @cached_property
+    def engine(self) -> Engine:
+        return make_engine(self.config.database)
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        return sessions(self.engine)
+
+    @cached_property
+    def cipher(self) -> Cipher | None:
+        return Cipher(self.config.crypto) if self.config.crypto else None
+
+    @cached_property
+    def artifacts(self) -> FileStore:
+        return FileStore(self.config.artifacts.path, int(self.config.artifacts.limit))
+
+    @cached_property
+    def objects(self) -> FileStore:
+        return FileStore(self.config.objects.path)
+
+    @cached_property
+    def app(self) -> Celery:
+        from djinn.queue import make_app
+
+        return make_app(self.config)
+
+    def close(self) -> None:
+        if "engine" in self.__dict__:
+            self.engine.dispose()
+
+
+_lock = threading.Lock()
+_current: tuple[int, WorkerContext] | None = None
+
+
+def current() -> WorkerContext:
+    """This process's context, from DJINN_WORKER_CONFIG / DJINN_DRIVER_CONFIG.
+
+    Made anew after a fork: a pool process must not share database connections
+    with its parent.
+    """
+    global _current
+    from djinn.queue import config_paths
+
+    with _lock:
+        if _current is None or _current[0] != os.getpid():
+            _current = (os.getpid(), WorkerContext.from_files(*config_paths()))
+        return _current[1]

@@ -1,0 +1,149 @@
+"""The build row is the lease: exactly one live worker runs a build (SPEC section 5).
+
+A worker claims a build atomically (status, worker, attempt, heartbeat) and keeps
+beating while it runs. A build whose heartbeat went stale belongs to a dead
+worker: the reaper (or a re-delivered message) resets it to a clean state, tags
+it `orphaned` and runs it again, at most MAX_ATTEMPTS times in all.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Callable
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from djinn.models import Build, BuildArtifact, BuildJob, BuildJobOutput, BuildObject, BuildTag
+from djinn.status import Status
+
+MAX_ATTEMPTS = 3
+ORPHANED_TAG = "orphaned"
+FINISHED = [s.value for s in Status if s.finished]
+
+
+@dataclass(frozen=True)
+class Lease:
+    build_id: int
+    worker: str
+    attempt: int
+
+
+def _stale(session: Session, heartbeat_at: dt.datetime | None, stale_after: dt.timedelta) -> bool:
+    now = session.scalar(select(func.now()))
+    return heartbeat_at is None or heartbeat_at < now - stale_after
+
+
+def claim(
+    session: Session,
+    build_id: int,
+    worker: str,
+    stale_after: dt.timedelta,
+    *,
+    on_reset: Callable[[Build], None] | None = None,
+) -> Lease | None:
+    """Take the build for `worker`, or None when it is finished, missing or run by a live worker.
+
+    Runs in the caller's transaction; the row lock makes concurrent claims wait for each other.
+    """
+    build = session.scalar(select(Build).where(Build.id == build_id).with_for_update())
+    if build is None or build.status in FINISHED:
+        return None
+    if build.status == Status.RUNNING.value:
+        if not _stale(session, build.heartbeat_at, stale_after):
+            return None
+        reset_for_rerun(session, build, on_reset)
+    if build.attempt >= MAX_ATTEMPTS:
+        abandon(session, build, f"the build was started {build.attempt} times and each worker running it died; giving up")
+        return None
+    build.status = Status.RUNNING.value
+    build.worker = worker
+    build.attempt += 1
+    build.heartbeat_at = func.now()
+    build.started_at = func.now()
+    build.error = None
+    session.flush()
+    return Lease(build.id, worker, build.attempt)
+
+
+def reset_for_rerun(session: Session, build: Build, on_reset: Callable[[Build], None] | None = None) -> None:
+    """Put an orphaned build back to how it was submitted, tagged `orphaned`."""
+    if on_reset is not None:
+        on_reset(build)
+    session.execute(delete(BuildJobOutput).where(BuildJobOutput.build_id == build.id))
+    session.execute(
+        update(BuildJob)
+        .where(BuildJob.build_id == build.id)
+        .values(status=Status.QUEUED.value, output=None, started_at=None, finished_at=None)
+    )
+    session.execute(
+        update(BuildArtifact).where(BuildArtifact.build_id == build.id).values(size=None, md5=None, sha256=None)
+    )
+    session.execute(update(BuildObject).where(BuildObject.build_id == build.id).values(placed=False))
+    has_tag = session.scalar(select(BuildTag.id).where(BuildTag.build_id == build.id, BuildTag.name == ORPHANED_TAG))
+    if has_tag is None:
+        session.add(BuildTag(user_id=build.user_id, build_id=build.id, name=ORPHANED_TAG))
+    build.status = Status.QUEUED.value
+    build.output = None
+    build.started_at = None
+    build.finished_at = None
+    build.worker = None
+    build.heartbeat_at = None
+    session.flush()
+
+
+def abandon(session: Session, build: Build, reason: str) -> None:
+    """End a build the worker cannot run, saying why, with no job left queued or running."""
+    session.execute(
+        update(BuildJob)
+        .where(BuildJob.build_id == build.id, BuildJob.status.in_([Status.QUEUED.value, Status.RUNNING.value]))
+        .values(
+            status=Status.FAILED.value,
+            started_at=func.coalesce(BuildJob.started_at, func.now()),
+            finished_at=func.now(),
+        )
+    )
+    build.status = Status.FAILED.value
+    build.error = reason
+    build.output = (build.output or "") + f"djinn: {reason}\n"
+    build.started_at = build.started_at or func.now()
+    build.finished_at = func.now()
+    build.worker = None
+    session.flush()
+
+
+def beat(session: Session, lease: Lease) -> bool:
+    """Refresh the heartbeat; False when the lease was lost (another worker took the build)."""
+    result = session.execute(
+        update(Build)
+        .where(
+            Build.id == lease.build_id,
+            Build.worker == lease.worker,
+            Build.attempt == lease.attempt,
+            Build.status == Status.RUNNING.value,
+        )
+        .values(heartbeat_at=func.now())
+    )
+    return result.rowcount == 1
+
+
+def held(session: Session, lease: Lease) -> bool:
+    """Whether `lease` still holds its build (checked before the final write)."""
+    row = session.execute(
+        select(Build.worker, Build.attempt, Build.status).where(Build.id == lease.build_id).with_for_update()
+    ).one_or_none()
+    return row is not None and (row.worker, row.attempt, row.status) == (lease.worker, lease.attempt, Status.RUNNING.value)
+
+
+def orphans(session: Session, stale_after: dt.timedelta, limit: int = 50) -> list[Build]:
+    """Running builds whose worker stopped beating, locked for the caller's transaction."""
+    return list(
+        session.scalars(
+            select(Build)
+            .where(Build.status == Status.RUNNING.value, Build.heartbeat_at < func.now() - stale_after)
+            .order_by(Build.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )

@@ -1,0 +1,79 @@
+"""Finding builds whose worker died and queueing them again (SPEC section 5).
+
+Every worker runs a reaper in its main process; the row lock taken with SKIP
+LOCKED lets several reapers share the work without requeueing a build twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from sqlalchemy import func, select
+
+from djinn.context import WorkerContext
+from djinn.db import transaction
+from djinn.execute import remove_artifact_files
+from djinn.lease import MAX_ATTEMPTS, abandon, orphans, reset_for_rerun
+from djinn.models import Build
+from djinn.queue import enqueue
+from djinn.status import Status
+from djinn.submit import queue_for
+
+log = logging.getLogger(__name__)
+
+
+def reap(ctx: WorkerContext) -> list[int]:
+    """Requeue (or, after MAX_ATTEMPTS, fail) every orphaned build; returns their ids."""
+    done = []
+    with transaction(ctx.sessions) as session:
+        for build in orphans(session, ctx.stale_after):
+            reset_for_rerun(session, build, lambda b: remove_artifact_files(ctx, session, b.id))
+            if build.attempt >= MAX_ATTEMPTS:
+                abandon(session, build, f"the build was started {build.attempt} times and each worker running it died; giving up")
+                log.error("build %s: abandoned after %s attempts", build.id, build.attempt)
+            else:
+                # Sent before the commit: if the broker is down the reset is rolled back
+                # and the next pass tries again. A duplicate message is dropped by the claim.
+                enqueue(ctx.app, build.id, queue_for(build.driver.type, build.driver.config))
+                log.warning("build %s: worker %s stopped beating; queued again", build.id, build.worker)
+            done.append(build.id)
+    return done
+
+
+def sweep_leftovers(ctx: WorkerContext) -> list[str]:
+    """At start-up: remove what builds no live worker runs left in the driver (containers, volumes)."""
+    if ctx.config.driver != "docker":
+        return []
+    from djinn.drivers.docker import sweep
+
+    with ctx.sessions() as session:
+        live = {str(b.id) for b in session.scalars(
+            select(Build).where(Build.status == Status.RUNNING.value, Build.heartbeat_at >= func.now() - ctx.stale_after)
+        )}
+    removed = sweep(ctx.drivers.settings_for("docker"), keep=live)
+    for item in removed:
+        log.warning("removed leftover %s of a build that no longer runs", item)
+    return removed
+
+
+class Reaper:
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
+
+    def start(self) -> "Reaper":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ctx.reaper_interval):
+            try:
+                reap(self.ctx)
+            except Exception as exc:  # broker or database away: try again next pass
+                log.warning("reaper: %s", exc)

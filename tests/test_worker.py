@@ -1,0 +1,303 @@
+"""The worker daemon end to end: real PostgreSQL, real Redis, real worker processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from worker_support import WORKER
+
+PASSING = """
+namespace: team/app
+driver: {type: os}
+env: ["GREETING=hello big world", "EQ=a=b"]
+stages: [build, test]
+jobs:
+  - stage: build
+    commands: ["echo \\"$GREETING|$EQ\\" > out.txt", "printf 'artifact-bytes' > art.bin"]
+    artifacts: ["art.bin => result.bin"]
+  - stage: test
+    name: Check
+    commands: ["cat out.txt"]
+"""
+
+
+def test_submit_runs_build_and_stores_everything(worker_env):
+    worker_env.start_worker()
+    build_id = worker_env.submit(PASSING, "-user", "alice", "-secret", "TOKEN=tok-123")
+    info = worker_env.wait_status(build_id)
+    assert info["status"] == "passed", worker_env.log_tail()
+    assert info["number"] == 1
+    assert [(j["stage"], j["name"], j["status"]) for j in info["jobs"]] == [
+        ("setup - #1", "create-driver", "passed"),
+        ("build", "build.1", "passed"),
+        ("test", "check", "passed"),
+    ]
+    assert all(j["started_at"] and j["finished_at"] for j in info["jobs"])
+    assert info["started_at"] and info["finished_at"]
+
+    (job_output,) = worker_env.sql("SELECT output FROM build_jobs WHERE build_id = :id AND name = 'check'", id=build_id)[0]
+    assert "hello big world|a=b" in job_output
+    (build_output, secret, number) = worker_env.sql("SELECT output, secret, number FROM builds WHERE id = :id", id=build_id)[0]
+    assert "hello big world|a=b" in build_output and "create-driver" not in build_output
+    assert len(secret) == 32
+    # The chunks were folded into the columns.
+    assert worker_env.sql("SELECT count(*) FROM build_job_output WHERE build_id = :id", id=build_id)[0][0] == 0
+
+    # Rows of SPEC section 2.
+    assert worker_env.sql("SELECT type, config FROM build_drivers WHERE build_id = :id", id=build_id) == [("os", {"type": "os"})]
+    variables = worker_env.sql("SELECT key, value, masked FROM build_variables WHERE build_id = :id ORDER BY id", id=build_id)
+    assert variables[:2] == [("GREETING", "hello big world", False), ("EQ", "a=b", False)]
+    assert variables[2][0] == "TOKEN" and variables[2][2] is True and variables[2][1] != "tok-123"  # encrypted at rest
+    assert worker_env.sql("SELECT path FROM namespaces n JOIN builds b ON b.namespace_id = n.id WHERE b.id = :id", id=build_id) == [("team/app",)]
+
+    # The artifact: <path>/<user_id>/<hash>, with size and digests.
+    ((name, size, sha256, md5, hash_, user_id),) = worker_env.sql(
+        "SELECT name, size, sha256, md5, hash, user_id FROM build_artifacts WHERE build_id = :id", id=build_id
+    )
+    stored = worker_env.root / "artifacts" / str(user_id) / hash_
+    assert stored.read_bytes() == b"artifact-bytes"
+    assert (name, size) == ("result.bin", 14)
+    assert bytes(sha256) == hashlib.sha256(b"artifact-bytes").digest()
+    assert bytes(md5) == hashlib.md5(b"artifact-bytes").digest()
+    assert info["artifacts"] == [{"name": "result.bin", "size": 14, "sha256": hashlib.sha256(b"artifact-bytes").hexdigest()}]
+
+    # A second build of the same user gets the next number.
+    second = worker_env.submit(PASSING, "-user", "alice")
+    assert worker_env.wait_status(second)["number"] == 2
+
+
+def test_failing_build_and_allow_failures(worker_env):
+    worker_env.start_worker()
+    failing = worker_env.submit(
+        "driver: {type: os}\nstages: [a, b]\njobs:\n  - {stage: a, commands: ['echo before', 'exit 4']}\n  - {stage: b, commands: ['echo never']}\n"
+    )
+    allowed = worker_env.submit(
+        "driver: {type: os}\nstages: [a, lint]\nallow_failures: [lint]\njobs:\n  - {stage: lint, commands: ['false']}\n  - {stage: a, commands: ['true']}\n"
+    )
+    info = worker_env.wait_status(failing)
+    assert info["status"] == "failed"
+    assert [j["status"] for j in info["jobs"]] == ["passed", "failed", "failed"]
+    assert all(j["finished_at"] for j in info["jobs"])
+    (output,) = worker_env.sql("SELECT output FROM builds WHERE id = :id", id=failing)[0]
+    assert "before" in output and "never\n" not in output.replace("echo never", "")
+    info = worker_env.wait_status(allowed)
+    assert info["status"] == "passed_with_failures"
+
+
+SLEEPY = """
+driver: {type: os}
+stages: [a, b]
+jobs:
+  - stage: a
+    commands: ["echo started", "sleep 60"]
+  - stage: b
+    commands: ["echo never"]
+"""
+
+
+def _wait_job_running(env, build_id, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = env.status(build_id)
+        if any(j["name"] == "a.1" and j["status"] == "running" for j in info["jobs"]):
+            return info
+        time.sleep(0.1)
+    raise AssertionError(f"job a.1 of build {build_id} never ran; log:\n{env.log_tail()}")
+
+
+def test_kill_with_secret_and_wrong_secret_ignored(worker_env, redis_server):
+    import redis
+
+    worker_env.start_worker()
+    build_id = worker_env.submit(SLEEPY)
+    _wait_job_running(worker_env, build_id)
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    assert client.publish(f"kill-{build_id}", "not-the-secret") == 1
+    time.sleep(1.5)
+    assert worker_env.status(build_id)["status"] == "running"
+
+    (secret,) = worker_env.sql("SELECT secret FROM builds WHERE id = :id", id=build_id)[0]
+    sent = time.monotonic()
+    client.publish(f"kill-{build_id}", secret)
+    info = worker_env.wait_status(build_id, timeout=10)
+    elapsed = time.monotonic() - sent
+    assert info["status"] == "killed"
+    assert elapsed < 2.5, f"kill took {elapsed:.2f}s"
+    assert [j["status"] for j in info["jobs"]] == ["passed", "killed", "killed"]
+
+
+def test_kill_command(worker_env):
+    worker_env.start_worker()
+    build_id = worker_env.submit(SLEEPY)
+    _wait_job_running(worker_env, build_id)
+    res = worker_env.cli("kill", str(build_id))
+    assert "1 worker listening" in res.stdout
+    assert worker_env.wait_status(build_id, timeout=10)["status"] == "killed"
+
+
+def test_timeout_gives_timed_out(worker_env):
+    worker_env.write_config(timeout="2s")
+    worker_env.start_worker()
+    build_id = worker_env.submit(SLEEPY)
+    info = worker_env.wait_status(build_id, timeout=30)
+    assert info["status"] == "timed_out"
+    assert [j["status"] for j in info["jobs"]] == ["passed", "timed_out", "timed_out"]
+
+
+def test_same_build_enqueued_twice_runs_once(worker_env):
+    from celery import Celery
+
+    worker_env.start_worker()
+    build_id = worker_env.submit(
+        "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo ran >> /tmp/djinn-once-$DJINN_TEST_RUN', 'sleep 2']}\n",
+        "-env", f"DJINN_TEST_RUN={worker_env.database}",
+    )
+    app = Celery(broker=worker_env.redis.url)
+    app.send_task("djinn.run_build", args=[build_id], queue="builds_os")
+    app.send_task("djinn.run_build", args=[build_id], queue="builds_os")
+    info = worker_env.wait_status(build_id)
+    time.sleep(2)  # let the duplicates be delivered and dropped
+    assert info["status"] == "passed"
+    marker = Path(f"/tmp/djinn-once-{worker_env.database}")
+    try:
+        assert marker.read_text() == "ran\n"
+    finally:
+        marker.unlink(missing_ok=True)
+    assert worker_env.status(build_id)["status"] == "passed"
+
+
+def test_invalid_manifest_refused_and_nothing_written(worker_env):
+    path = worker_env.root / "bad.yml"
+    path.write_text("driver: {type: os}\nstages: [a]\njobs:\n  - {stage: nope, commands: [x]}\n")
+    res = worker_env.cli("submit", str(path), check=False)
+    assert res.returncode == 2
+    assert "jobs[0].stage: stage 'nope' is not declared in stages" in res.stderr
+    assert "Traceback" not in res.stderr
+    for table in ("builds", "build_jobs", "build_stages", "users"):
+        assert worker_env.sql(f"SELECT count(*) FROM {table}")[0][0] == 0
+
+
+def test_logs_follow_shows_output_while_job_runs(worker_env):
+    worker_env.start_worker()
+    build_id = worker_env.submit(
+        "driver: {type: os}\nstages: [a]\njobs:\n  - stage: a\n    commands: ['echo first-line', 'sleep 4', 'echo last-line']\n"
+    )
+    proc = subprocess.Popen(
+        [WORKER, "logs", "-config", str(worker_env.config), str(build_id), "-f"], stdout=subprocess.PIPE, text=True
+    )
+    seen_first = None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.strip() == "first-line" and seen_first is None:
+            seen_first = worker_env.status(build_id)
+    proc.wait(30)
+    assert proc.returncode == 0
+    assert seen_first is not None and seen_first["status"] == "running"
+    assert "last-line\n" in lines
+    # Nothing repeated or lost across the switch from chunks to the build's output column.
+    text_ = "".join(lines)
+    (stored,) = worker_env.sql("SELECT output FROM builds WHERE id = :id", id=build_id)[0]
+    assert text_ == stored
+    plain = worker_env.cli("logs", str(build_id)).stdout
+    assert plain == stored
+
+
+def test_celery_command_runs_a_build(worker_env):
+    worker_env.start_worker(celery=True, name="celery")
+    build_id = worker_env.submit("driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo via celery']}\n")
+    assert worker_env.wait_status(build_id)["status"] == "passed"
+
+
+def test_sigkill_of_worker_group_then_another_worker_reruns(worker_env):
+    marker = worker_env.root / "runs.txt"
+    first = worker_env.start_worker(name="first")
+    build_id = worker_env.submit(
+        "driver: {type: os}\nstages: [a]\njobs:\n  - stage: a\n    commands:\n"
+        f"      - test ! -e leftover  # a clean workspace on every attempt\n"
+        f"      - touch leftover\n"
+        f"      - echo attempt >> {marker}\n"
+        f"      - sleep 3\n"
+    )
+    _wait_job_running(worker_env, build_id)
+    time.sleep(0.5)
+    worker_env.kill_group(first)
+    second = worker_env.start_worker(name="second")
+    info = worker_env.wait_status(build_id, timeout=60)
+    assert info["status"] == "passed", worker_env.log_tail()
+    assert info["tags"] == ["orphaned"]
+    assert marker.read_text() == "attempt\nattempt\n"
+    (attempt, output) = worker_env.sql("SELECT attempt, output FROM builds WHERE id = :id", id=build_id)[0]
+    assert attempt == 2
+    assert output.count("touch leftover") == 1  # the dead attempt's output was cleared
+    assert second.poll() is None
+
+
+def test_build_abandoned_after_three_attempts(worker_env):
+    build_id = worker_env.submit("driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['sleep 30']}\n")
+    for attempt in range(3):
+        proc = worker_env.start_worker(name=f"w{attempt}")
+        deadline = time.monotonic() + 60
+        while worker_env.sql("SELECT attempt FROM builds WHERE id = :id", id=build_id)[0][0] < attempt + 1:
+            assert time.monotonic() < deadline, worker_env.log_tail()
+            time.sleep(0.2)
+        _wait_job_running(worker_env, build_id)
+        worker_env.kill_group(proc)
+    worker_env.start_worker(name="last")
+    info = worker_env.wait_status(build_id, timeout=60)
+    assert info["status"] == "failed"
+    (error,) = worker_env.sql("SELECT error FROM builds WHERE id = :id", id=build_id)[0]
+    assert "started 3 times" in error
+    assert all(j["status"] == "failed" for j in info["jobs"])
+
+
+def test_redis_restart_during_build(worker_env, redis_server):
+    worker_env.start_worker()
+    build_id = worker_env.submit(
+        "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo one', 'sleep 4', 'echo two']}\n"
+    )
+    _wait_job_running(worker_env, build_id)
+    redis_server.restart()
+    info = worker_env.wait_status(build_id, timeout=60)
+    assert info["status"] == "passed", worker_env.log_tail()
+    (output,) = worker_env.sql("SELECT output FROM builds WHERE id = :id", id=build_id)[0]
+    assert "one\n" in output and "two\n" in output
+    # The worker goes on taking builds once the broker is back.
+    after = worker_env.submit("driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo after']}\n")
+    assert worker_env.wait_status(after, timeout=60)["status"] == "passed", worker_env.log_tail()
+
+
+def test_postgres_restart_between_builds(worker_env, postgres):
+    worker_env.start_worker()
+    manifest = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo hi']}\n"
+    assert worker_env.wait_status(worker_env.submit(manifest))["status"] == "passed"
+    postgres.restart()
+    assert worker_env.wait_status(worker_env.submit(manifest), timeout=60)["status"] == "passed", worker_env.log_tail()
+
+
+def test_migrate_is_idempotent(worker_env):
+    res = worker_env.cli("migrate")
+    assert "schema is up to date" in res.stdout
+
+
+def test_worker_refuses_to_start_without_services(worker_env, tmp_path):
+    worker_env.write_config()
+    text_ = worker_env.config.read_text().replace(worker_env.redis.addr, "127.0.0.1:1")
+    bad = tmp_path / "bad-redis.conf"
+    bad.write_text(text_)
+    res = subprocess.run([WORKER, "-config", str(bad), "-driver", str(worker_env.driver_config)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert "cannot connect to Redis at 127.0.0.1:1" in res.stderr
+    pg_host, pg_port = worker_env.postgres.addr.split(":")
+    bad.write_text(worker_env.config.read_text().replace(f'addr     "{pg_host}:{pg_port}"', 'addr     "127.0.0.1:1"'))
+    res = subprocess.run([WORKER, "-config", str(bad), "-driver", str(worker_env.driver_config)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert "cannot connect to PostgreSQL at 127.0.0.1:1" in res.stderr
+    assert "Traceback" not in res.stderr
