@@ -55,7 +55,7 @@ def celery_settings(config: WorkerConfig) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "worker_concurrency": config.resolved_parallelism,
         "task_routes": {RUN_BUILD: {"queue": config.queue}},
-        "imports": ["djinn.tasks.build"],
+        "imports": ["djinn.tasks.build", "djinn.tasks.lifecycle"],
     }
 
 
