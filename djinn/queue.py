@@ -74,7 +74,9 @@ def config_paths() -> tuple[str, str]:
 
 
 def enqueue(app: Celery, build_id: int, queue: str) -> None:
-    """Put build `build_id` on `queue`; the task loads everything else from the database."""
-    with app.connection_for_write() as connection:
-        connection.ensure_connection(max_retries=2, timeout=5)
-        app.send_task(RUN_BUILD, args=[build_id], queue=queue, connection=connection)
+    """Put build `build_id` on `queue`; the task loads everything else from the database.
+
+    Uses the app's pooled producer connection; when the broker is down it fails after
+    Celery's short publish retry policy rather than hanging.
+    """
+    app.send_task(RUN_BUILD, args=[build_id], queue=queue, retry=True, retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5})

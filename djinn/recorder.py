@@ -1,18 +1,21 @@
 """Recording a running build in PostgreSQL: job statuses, timestamps, output and artifacts.
 
 Output is appended as rows of `build_job_output` while a job runs (buffered,
-flushed at least every FLUSH_SECONDS so `logs -f` stays live), which keeps the
-cost of storing output linear and the worker's memory constant. When the build
-ends the chunks are folded into `build_jobs.output` and `builds.output`.
+written at least every FLUSH_SECONDS so `logs -f` stays live), which keeps the
+cost of storing output linear and the worker's memory constant. When a job ends
+its chunks are folded into `build_jobs.output`, and when the build ends into
+`builds.output`.
 """
 
 from __future__ import annotations
 
 import codecs
+import datetime as dt
+import logging
 import secrets
 import threading
 import time
-from typing import BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from sqlalchemy import Engine, delete, func, insert, select, text, update
 
@@ -23,78 +26,39 @@ from djinn.runner import Reporter
 from djinn.status import Status
 from djinn.store import FileStore, StoredArtifact
 
+log = logging.getLogger(__name__)
+
 FLUSH_BYTES = 256 * 1024
 FLUSH_SECONDS = 0.25
+# Output waiting for the writer beyond this makes the job wait: memory stays bounded
+# whatever a job prints, even while the database is slow.
+MAX_PENDING = 8 * 1024 * 1024
+RETRY_SECONDS = 1.0
 # Output larger than this stays in build_job_output rather than being copied into
 # the single text columns (PostgreSQL cannot hold a value over 1 GB in a column).
 COLUMN_LIMIT = 256 * 1024 * 1024
 
 
-class OutputWriter:
-    """Buffers one build's output and appends it as chunks, in order, from any thread."""
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
 
-    def __init__(self, engine: Engine, build_id: int, allowed: Callable[[], bool] = lambda: True) -> None:
-        self.engine = engine
-        self.build_id = build_id
-        self.allowed = allowed
-        self._lock = threading.Lock()
-        self._job_id: int | None = None
-        self._buffer: list[str] = []
-        self._buffered = 0
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self.sizes: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._flusher = threading.Thread(target=self._flush_periodically, name=f"output-{build_id}", daemon=True)
-        self._flusher.start()
 
-    def write(self, job_id: int, data: bytes) -> None:
-        with self._lock:
-            if job_id != self._job_id:
-                self._flush_locked(final=True)
-                self._job_id = job_id
-            chunk = self._decoder.decode(data)
-            if chunk:
-                self._buffer.append(chunk)
-                self._buffered += len(chunk)
-            if self._buffered >= FLUSH_BYTES:
-                self._flush_locked()
-
-    def flush(self) -> None:
-        with self._lock:
-            self._flush_locked(final=True)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._flusher.join()
-        self.flush()
-
-    def _flush_periodically(self) -> None:
-        while not self._stop.wait(FLUSH_SECONDS):
-            try:
-                self.flush()
-            except Exception:  # the database may be restarting: the next flush retries
-                pass
-
-    def _flush_locked(self, final: bool = False) -> None:
-        if final and self._job_id is not None:
-            tail = self._decoder.decode(b"", final=True)
-            self._decoder.reset()
-            if tail:
-                self._buffer.append(tail)
-                self._buffered += len(tail)
-        if not self._buffer or self._job_id is None:
-            return
-        data = "".join(self._buffer)
-        if self.allowed():
-            with self.engine.begin() as conn:
-                conn.execute(insert(BuildJobOutput).values(build_id=self.build_id, job_id=self._job_id, data=data))
-        self.sizes[self._job_id] = self.sizes.get(self._job_id, 0) + len(data)
-        self._buffer.clear()
-        self._buffered = 0
+def _folded_output(where) -> Any:
+    """The chunks matching `where`, concatenated in order, computed by the database."""
+    return (
+        select(func.coalesce(func.string_agg(BuildJobOutput.data, text("'' ORDER BY build_job_output.id")), ""))
+        .where(where)
+        .scalar_subquery()
+    )
 
 
 class DatabaseReporter(Reporter):
-    """Keeps the build's rows up to date as the runner reports."""
+    """Keeps the build's rows up to date as the runner reports, without making it wait.
+
+    Everything the runner reports is queued and written by one thread per build,
+    each batch in one transaction, so a job never waits on a database round trip
+    (unless MAX_PENDING output is waiting). Writes that fail are kept and retried.
+    """
 
     def __init__(
         self,
@@ -107,64 +71,147 @@ class DatabaseReporter(Reporter):
         self.build_id = build_id
         self.job_ids = job_ids
         self.allowed = allowed
-        self.output = OutputWriter(engine, build_id, allowed)
         self.final: Status | None = None
         self.objects_placed = False
+        #: Characters of output stored per job id.
+        self.sizes: dict[int, int] = {}
+        self._ops: list[list[Any]] = []
+        self._pending = 0
+        self._urgent = False
+        self._stopping = False
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._decoding: int | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._write_loop, name=f"recorder-{build_id}", daemon=True)
+        self._thread.start()
 
     def _job_id(self, job: JobPlan) -> int:
         # Keyed by the plan's job objects themselves: two jobs may be equal in every field.
         return self.job_ids[id(job)]
 
-    def _update_job(self, job: JobPlan, **values) -> None:
-        if not self.allowed():
-            return
-        with self.engine.begin() as conn:
-            conn.execute(update(BuildJob).where(BuildJob.id == self._job_id(job)).values(**values))
+    # -- what the runner reports ------------------------------------------------
 
     def job_started(self, job: JobPlan) -> None:
-        self._update_job(job, status=Status.RUNNING.value, started_at=func.now())
+        self._queue(["start", self._job_id(job), _now()], urgent=True)
 
     def job_output(self, job: JobPlan, data: bytes) -> None:
-        self.output.write(self._job_id(job), data)
+        job_id = self._job_id(job)
+        with self._cond:
+            if self._decoding != job_id:
+                self._end_decoding()
+                self._decoding = job_id
+            chunk = self._decoder.decode(data)
+            if not chunk:
+                return
+            last = self._ops[-1] if self._ops else None
+            if last is not None and last[0] == "output" and last[1] == job_id:
+                last[2].append(chunk)
+            else:
+                self._ops.append(["output", job_id, [chunk]])
+            self._pending += len(chunk)
+            if self._pending >= FLUSH_BYTES:
+                self._cond.notify_all()
+            while self._pending > MAX_PENDING and self._thread.is_alive():
+                self._cond.wait(1)
 
     def job_finished(self, job: JobPlan, status: Status, ran: bool) -> None:
-        job_id = self._job_id(job)
         if job.name == CREATE_DRIVER and ran and status is Status.PASSED:
             self.objects_placed = True
-        if ran:
-            self.output.flush()
-            values = {"status": status.value, "finished_at": func.now()}
-            if self.output.sizes.get(job_id, 0) <= COLUMN_LIMIT:
-                values["output"] = (
-                    select(func.coalesce(func.string_agg(BuildJobOutput.data, text("'' ORDER BY build_job_output.id")), ""))
-                    .where(BuildJobOutput.job_id == job_id)
-                    .scalar_subquery()
-                )
-            self._update_job(job, **values)
-        else:
-            self._update_job(
-                job, status=status.value, started_at=func.coalesce(BuildJob.started_at, func.now()), finished_at=func.now()
-            )
+        with self._cond:
+            self._end_decoding()
+        self._queue(["finish", self._job_id(job), status, _now(), ran], urgent=True)
 
     def build_finished(self, status: Status) -> None:
-        self.output.close()
+        """Wait until everything reported is written; `finish` then makes the final write."""
         self.final = status
+        with self._cond:
+            self._end_decoding()
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join()
 
     def finish(self, conn, status: Status) -> None:
         """The build's final write, in the caller's transaction (which checked the lease)."""
         if self.objects_placed:
             conn.execute(update(BuildObject).where(BuildObject.build_id == self.build_id).values(placed=True))
         values: dict = {"status": status.value, "finished_at": func.now(), "worker": None}
-        if sum(self.output.sizes.values()) <= COLUMN_LIMIT:
-            values["output"] = (
-                select(func.coalesce(func.string_agg(BuildJobOutput.data, text("'' ORDER BY build_job_output.id")), ""))
-                .where(BuildJobOutput.build_id == self.build_id)
-                .scalar_subquery()
-            )
+        if sum(self.sizes.values()) <= COLUMN_LIMIT:
+            values["output"] = _folded_output(BuildJobOutput.build_id == self.build_id)
             conn.execute(update(Build).where(Build.id == self.build_id).values(**values))
             conn.execute(delete(BuildJobOutput).where(BuildJobOutput.build_id == self.build_id))
         else:
             conn.execute(update(Build).where(Build.id == self.build_id).values(**values))
+
+    # -- the writer thread ------------------------------------------------------
+
+    def _queue(self, op: list[Any], urgent: bool = False) -> None:
+        with self._cond:
+            self._ops.append(op)
+            if urgent:
+                self._urgent = True
+                self._cond.notify_all()
+
+    def _end_decoding(self) -> None:
+        """Flush the decoder's held bytes (a split UTF-8 sequence) into the job's output."""
+        if self._decoding is None:
+            return
+        tail = self._decoder.decode(b"", final=True)
+        self._decoder.reset()
+        if tail:
+            self._ops.append(["output", self._decoding, [tail]])
+            self._pending += len(tail)
+        self._decoding = None
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                if not self._ops and not self._stopping:
+                    self._cond.wait(FLUSH_SECONDS)
+                if not self._urgent and not self._stopping and self._pending < FLUSH_BYTES:
+                    self._cond.wait(FLUSH_SECONDS)
+                ops, self._ops = self._ops, []
+                self._urgent = False
+                stopping = self._stopping
+            while ops:
+                try:
+                    self._write(ops)
+                    break
+                except Exception as exc:  # the database may be restarting: keep the batch and retry
+                    log.warning("build %s: recording failed, retrying: %s", self.build_id, exc)
+                    time.sleep(RETRY_SECONDS)
+            with self._cond:
+                self._pending -= sum(len(c) for op in ops if op[0] == "output" for c in op[2])
+                self._cond.notify_all()
+                if stopping and not self._ops:
+                    return
+
+    def _write(self, ops: list[list[Any]]) -> None:
+        if not self.allowed():
+            return
+        sizes = dict(self.sizes)
+        with self.engine.begin() as conn:
+            for op in ops:
+                kind, job_id = op[0], op[1]
+                if kind == "start":
+                    conn.execute(
+                        update(BuildJob).where(BuildJob.id == job_id).values(status=Status.RUNNING.value, started_at=op[2])
+                    )
+                elif kind == "output":
+                    data = "".join(op[2])
+                    conn.execute(insert(BuildJobOutput).values(build_id=self.build_id, job_id=job_id, data=data))
+                    sizes[job_id] = sizes.get(job_id, 0) + len(data)
+                elif op[4]:  # a job that ran finished
+                    values = {"status": op[2].value, "finished_at": op[3]}
+                    if sizes.get(job_id, 0) <= COLUMN_LIMIT:
+                        values["output"] = _folded_output(BuildJobOutput.job_id == job_id)
+                    conn.execute(update(BuildJob).where(BuildJob.id == job_id).values(**values))
+                else:
+                    conn.execute(
+                        update(BuildJob)
+                        .where(BuildJob.id == job_id)
+                        .values(status=op[2].value, started_at=func.coalesce(BuildJob.started_at, op[3]), finished_at=op[3])
+                    )
+        self.sizes = sizes
 
 
 class BuildArtifacts:

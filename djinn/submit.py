@@ -60,7 +60,8 @@ def queue_for(driver_type: str, driver: dict[str, str]) -> str:
 
 
 def get_or_create_user(session: Session, username: str, email: str | None = None) -> User:
-    user = session.scalar(select(User).where(User.username == username))
+    """The user named `username`, locked so two submissions cannot take the same build number."""
+    user = session.scalar(select(User).where(User.username == username).with_for_update())
     if user is None:
         user = User(username=username, email=email)
         session.add(user)
@@ -114,8 +115,7 @@ def create_build(
     if cipher is None and (keys or any(v.masked for v in variables)):
         raise SubmitError("masked variables and keys are stored encrypted: add a crypto { block, salt } block to the worker config")
 
-    # Lock the user row so two submissions cannot take the same number.
-    session.execute(select(User.id).where(User.id == user.id).with_for_update())
+    # The caller holds the user row's lock (get_or_create_user), so the number is ours.
     number = (session.scalar(select(func.max(Build.number)).where(Build.user_id == user.id)) or 0) + 1
 
     namespace = _namespace(session, user, manifest.namespace) if manifest.namespace else None
@@ -128,56 +128,35 @@ def create_build(
         secret=secrets.token_hex(16),
     )
     session.add(build)
-    session.flush()
 
-    session.add(BuildDriver(build_id=build.id, type=manifest.driver_type, config=dict(manifest.driver)))
+    build.driver = BuildDriver(type=manifest.driver_type, config=dict(manifest.driver))
     t = trigger or Trigger()
-    session.add(
-        BuildTrigger(
-            build_id=build.id, type=t.type, comment=t.comment, data=t.data or {}, provider_id=t.provider_id, repo_id=t.repo_id
-        )
-    )
+    build.trigger = BuildTrigger(type=t.type, comment=t.comment, data=t.data or {}, provider_id=t.provider_id, repo_id=t.repo_id)
     for var in variables:
         value = cipher.encrypt_text(var.value) if var.masked and cipher else var.value
-        session.add(BuildVariable(build_id=build.id, key=var.key, value=value, masked=var.masked))
+        build.variables.append(BuildVariable(key=var.key, value=value, masked=var.masked))
     for key in keys:
-        session.add(
-            BuildKey(
-                build_id=build.id,
-                name=key.name,
-                key=cipher.encrypt(key.key.encode()),
-                config=key.config,
-                location=f"/root/.ssh/{key.name}",
-            )
+        build.keys.append(
+            BuildKey(name=key.name, key=cipher.encrypt(key.key.encode()), config=key.config, location=f"/root/.ssh/{key.name}")
         )
     for obj in manifest.objects:
         row = session.scalar(select(Object).where(Object.user_id == user.id, Object.name == obj.source, Object.deleted_at.is_(None)))
         if row is None:
             raise SubmitError(f"objects: {user.username} has no object named {obj.source!r}")
-        session.add(BuildObject(build_id=build.id, object_id=row.id, source=obj.source, name=obj.destination))
+        build.objects.append(BuildObject(object_id=row.id, source=obj.source, name=obj.destination))
 
-    plan = plan_build(manifest, number)
-    for stage_plan in plan.stages:
-        stage = BuildStage(build_id=build.id, name=stage_plan.name, can_fail=stage_plan.can_fail)
-        session.add(stage)
-        session.flush()
+    # Built as one object graph and written in one flush: a few multi-row INSERTs.
+    for stage_plan in plan_build(manifest, number).stages:
+        stage = BuildStage(name=stage_plan.name, can_fail=stage_plan.can_fail)
+        build.stages.append(stage)
         for job_plan in stage_plan.jobs:
-            job = BuildJob(
-                build_id=build.id, stage_id=stage.id, name=job_plan.name, commands="\n".join(job_plan.commands), status="queued"
-            )
-            session.add(job)
-            session.flush()
+            job = BuildJob(name=job_plan.name, commands="\n".join(job_plan.commands), status="queued")
+            stage.jobs.append(job)
+            build.jobs.append(job)
             for artifact in job_plan.artifacts:
-                session.add(
-                    BuildArtifact(
-                        user_id=user.id,
-                        build_id=build.id,
-                        job_id=job.id,
-                        hash=secrets.token_hex(16),
-                        source=artifact.source,
-                        name=artifact.destination,
-                    )
-                )
+                row = BuildArtifact(user_id=user.id, hash=secrets.token_hex(16), source=artifact.source, name=artifact.destination)
+                job.artifacts.append(row)
+                build.artifacts.append(row)
     session.flush()
     return build
 

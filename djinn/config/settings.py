@@ -165,6 +165,7 @@ class WorkerConfig:
     objects: StoreSettings = StoreSettings("/var/lib/djinn/objects")
     images: StoreSettings | None = None
     metrics: str | None = None  # listen address for metrics, None = off
+    host: str | None = None  # the Djinn server's address, for links to builds in mail
     orphan_timeout: datetime.timedelta = DEFAULT_ORPHAN_TIMEOUT
 
     @property
@@ -555,6 +556,7 @@ WORKER_KEYS = (
     "smtp",
     "store",
     "metrics",
+    "host",
     "orphan_timeout",
 )
 
@@ -585,6 +587,7 @@ def decode_worker(values: Mapping[str, Any], source: str = "<config>") -> Worker
         objects=stores.get("objects", WorkerConfig.objects),
         images=stores.get("images"),
         metrics=top.get("metrics", top.nonempty_string, None),
+        host=top.get("host", top.nonempty_string, None),
         orphan_timeout=top.get("orphan_timeout", top.duration, DEFAULT_ORPHAN_TIMEOUT),
     )
 
