@@ -58,11 +58,24 @@ class WorkerEnv:
     def driver_config(self) -> Path:
         return self.root / "driver.conf"
 
-    def write_config(self, *, timeout: str = "5m", orphan_timeout: str = "4s", parallelism: int = 2, extra: str = "") -> None:
+    driver: str = "os"
+
+    def write_config(
+        self,
+        *,
+        timeout: str = "5m",
+        orphan_timeout: str = "4s",
+        parallelism: int = 2,
+        extra: str = "",
+        driver: str | None = None,
+        driver_config: str | None = None,
+    ) -> None:
+        """The worker config (and, with `driver_config`, the driver config) for this test."""
+        self.driver = driver or self.driver
         pg_host, pg_port = self.postgres.addr.split(":")
         self.config.write_text(
             f"""
-driver "os"
+driver "{self.driver}"
 parallelism {parallelism}
 timeout "{timeout}"
 orphan_timeout "{orphan_timeout}"
@@ -91,7 +104,8 @@ store objects {{
 {extra}
 """
         )
-        self.driver_config.write_text("driver os {}\n")
+        if driver_config is not None or not self.driver_config.exists():
+            self.driver_config.write_text(driver_config or "driver os {}\n")
 
     @property
     def url(self) -> str:
@@ -134,7 +148,9 @@ store objects {{
         """A worker in its own process group (so a test can SIGKILL the whole group)."""
         env = {**os.environ, "DJINN_WORKER_CONFIG": str(self.config), "DJINN_DRIVER_CONFIG": str(self.driver_config)}
         if celery:
-            argv = [CELERY, "-A", "djinn", "worker", "-Q", "builds_os", "-c", "2", "--loglevel", "INFO",
+            from djinn.config import queue_for_driver
+
+            argv = [CELERY, "-A", "djinn", "worker", "-Q", queue_for_driver(self.driver), "-c", "2", "--loglevel", "INFO",
                     "-n", f"{name}-{time.monotonic_ns()}@%h", "--without-mingle", "--without-gossip"]
         else:
             argv = [WORKER, "-config", str(self.config), "-driver", str(self.driver_config)]
