@@ -281,3 +281,7 @@ class BuildTag(Base):
     build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
+# The notification tables live in their own module; imported here so they share the metadata.
+from djinn import models_notify  # noqa: E402,F401

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # Fixture modules: registered once here so a session fixture (a server) starts once.
-pytest_plugins = ["worker_support", "sshd_support", "docker_support", "qemu_support"]
+pytest_plugins = ["worker_support", "sshd_support", "docker_support", "qemu_support", "notify_support"]
 
 import threading
 

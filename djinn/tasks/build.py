@@ -1,16 +1,65 @@
-"""The build task: the Celery edge around djinn.execute.run_build."""
+"""The build task: the Celery edge around djinn.execute.run_build.
+
+A build that ends failed, killed or timed_out makes the task fail with
+BuildFailed once the build's rows are final, so the outcome goes through
+Celery's failure machinery: BuildTask.on_failure hands the failure mail to its
+own task (djinn.notify). BuildFailed is listed in `throws`, so Celery logs it as
+an expected outcome, not as an error with a traceback. Any other exception is a
+bug in the worker and is mailed to the operator with its traceback.
+"""
 
 from __future__ import annotations
 
-from celery import shared_task
+from celery import Task, shared_task
 
-from djinn import context
+from djinn import context, notify
 from djinn.execute import run_build
+from djinn.notify import tasks as _notify_tasks  # noqa: F401  (registers the notification tasks)
 from djinn.queue import RUN_BUILD
+from djinn.status import Status
 
 
-@shared_task(name=RUN_BUILD, acks_late=True, ignore_result=True)
+class BuildFailed(Exception):
+    """The build ended failed, killed or timed_out (a result for Celery's failure hooks, not a worker error)."""
+
+    def __init__(self, build_id: int, status: Status) -> None:
+        super().__init__(f"build {build_id} {status}")
+        self.build_id = build_id
+        self.status = status
+
+    def __reduce__(self):
+        return (BuildFailed, (self.build_id, self.status))
+
+
+class BuildTask(Task):
+    """Tells about finished builds from Celery's success and failure hooks."""
+
+    def on_success(self, retval, task_id, args, kwargs) -> None:
+        if retval is not None:
+            notify.on_build_finished(context.current(), int(args[0]), Status(retval))
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        ctx = context.current()
+        if isinstance(exc, BuildFailed):
+            # The mail first: it is the notification that must not be lost.
+            notify.on_build_failed(ctx, exc.build_id, exc.status)
+            notify.on_build_finished(ctx, exc.build_id, exc.status)
+        else:
+            notify.on_task_error(ctx, int(args[0]) if args else None, str(einfo.traceback))
+
+
+@shared_task(base=BuildTask, name=RUN_BUILD, acks_late=True, ignore_result=True, throws=(BuildFailed,))
 def run_build_task(build_id: int) -> str | None:
-    """Run one build, given only its id: everything else is read from the database."""
-    status = run_build(context.current(), int(build_id))
-    return status.value if status is not None else None
+    """Run one build, given only its id: everything else is read from the database.
+
+    Returns the final status, or None when this worker did not run the build
+    (finished already, or run by another worker); raises BuildFailed for a
+    build that ended failed, killed or timed_out.
+    """
+    build_id = int(build_id)
+    status = run_build(context.current(), build_id)
+    if status is None:
+        return None
+    if status in notify.FAILED:
+        raise BuildFailed(build_id, status)
+    return status.value

@@ -1,0 +1,125 @@
+"""Tables for telling people about builds: providers, repositories, namespace webhooks, mail markers.
+
+Names follow upstream djinn (`providers`, `provider_repos`, `namespace_webhooks`,
+`namespace_webhook_deliveries`) so a Djinn server and this worker can share one
+database. `build_notifications` is ours: one row per build and kind of
+notification, the marker that makes the failure mail go out exactly once
+(djinn.notify.mail explains the states).
+
+Secrets (provider tokens, webhook secrets) are stored encrypted with the worker
+config's crypto block (djinn.crypto), as upstream encrypts them with its own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Optional
+
+from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, Uuid
+from sqlalchemy.orm import Mapped, mapped_column
+
+from djinn.models import Base, _now
+
+
+class Provider(Base):
+    """A user's connection to GitHub or GitLab: the token commit statuses are set with."""
+
+    __tablename__ = "providers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    provider_user_id: Mapped[Optional[int]] = mapped_column(BigInteger)
+    name: Mapped[str] = mapped_column(String(32))  # github or gitlab
+    # Encrypted (djinn.crypto Cipher.encrypt) OAuth tokens.
+    access_token: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
+    refresh_token: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
+    connected: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    main_account: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    expires_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True))
+
+
+class ProviderRepo(Base):
+    """A repository on a provider; build_triggers.repo_id points here."""
+
+    __tablename__ = "provider_repos"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    provider_id: Mapped[int] = mapped_column(ForeignKey("providers.id", ondelete="CASCADE"))
+    hook_id: Mapped[Optional[int]] = mapped_column(BigInteger)
+    # The provider's own id of the repository (GitLab's project id).
+    repo_id: Mapped[int] = mapped_column(BigInteger)
+    provider_name: Mapped[str] = mapped_column(String(32))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default="true")
+    # owner/name, as GitHub's API paths want it.
+    name: Mapped[Optional[str]] = mapped_column(Text)
+    href: Mapped[Optional[str]] = mapped_column(Text)
+
+
+class NamespaceWebhook(Base):
+    """An HTTP endpoint told about a namespace's events (`events` is upstream's bit mask)."""
+
+    __tablename__ = "namespace_webhooks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    author_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id", ondelete="CASCADE"), index=True)
+    payload_url: Mapped[str] = mapped_column(Text)
+    # Encrypted HMAC key; None: deliveries are not signed.
+    secret: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
+    # Verify the TLS certificate of an https payload URL.
+    ssl: Mapped[bool] = mapped_column(Boolean, default=True, server_default="true")
+    events: Mapped[int] = mapped_column(Integer)
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default="true")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
+class NamespaceWebhookDelivery(Base):
+    """One attempt at delivering an event to a webhook, with what came back."""
+
+    __tablename__ = "namespace_webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    webhook_id: Mapped[int] = mapped_column(ForeignKey("namespace_webhooks.id", ondelete="CASCADE"))
+    # Every attempt at delivering one event shares its event_id.
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    event: Mapped[int] = mapped_column(Integer)
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    redelivery: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    request_headers: Mapped[Optional[str]] = mapped_column(Text)
+    request_body: Mapped[Optional[str]] = mapped_column(Text)
+    response_code: Mapped[Optional[int]] = mapped_column(Integer)
+    response_headers: Mapped[Optional[str]] = mapped_column(Text)
+    response_body: Mapped[Optional[str]] = mapped_column(Text)
+    duration: Mapped[int] = mapped_column(Integer, default=0)  # milliseconds
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+    __table_args__ = (Index("ix_namespace_webhook_deliveries_webhook_id_event_id", "webhook_id", "event_id"),)
+
+
+class BuildNotification(Base):
+    """A notification owed for a build, at most one per (build, kind).
+
+    kind `mail`: the failure mail; state pending -> sending -> sent (or skipped,
+    failed). kind `status`: the last build status sent to the commit's provider,
+    in `state`, so a late duplicate is not sent again.
+    """
+
+    __tablename__ = "build_notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(32), default="pending", server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    sent_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("build_id", "kind"),
+        Index("ix_build_notifications_kind_state", "kind", "state"),
+    )

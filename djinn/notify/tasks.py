@@ -1,0 +1,124 @@
+"""The notification tasks and the mail sweep: the Celery edge of djinn.notify.
+
+All run on the worker's own queue (djinn.notify.common.send_task) and retry with
+exponential backoff while the other side is away; a retry is a new message with
+a countdown, so a waiting mail holds no pool process.
+"""
+
+from __future__ import annotations
+
+import smtplib
+
+from celery import Task, shared_task
+from celery.signals import worker_ready, worker_shutdown
+from sqlalchemy.exc import OperationalError
+
+from djinn import context
+from djinn.notify import mail, statuses, webhooks
+from djinn.notify.common import DELIVER_WEBHOOK, SEND_ADMIN_MAIL, SEND_FAILURE_MAIL, SET_COMMIT_STATUS, log
+
+# SMTP unreachable or refusing for now, or the database restarting.
+MAIL_RETRY = (OSError, smtplib.SMTPException, OperationalError)
+# Backoff 1, 2, 4, 8, then at most 15 s apart (with full jitter): a mail arrives
+# soon after the SMTP server comes back; 3000 tries cover more than six hours.
+MAIL_BACKOFF_MAX = 15
+MAIL_MAX_RETRIES = 3000
+
+
+class FailureMailTask(Task):
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        """Retries exhausted (only retried errors get here as such): record it, so nothing waits for it."""
+        if isinstance(exc, MAIL_RETRY) and args:
+            try:
+                mail.give_up_failure_mail(context.current(), int(args[0]), f"{type(exc).__name__}: {exc}")
+            except Exception as db_exc:
+                log.error("build %s: cannot record the failure mail as given up: %s", args[0], db_exc)
+
+
+@shared_task(
+    base=FailureMailTask,
+    name=SEND_FAILURE_MAIL,
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=MAIL_RETRY,
+    retry_backoff=1,
+    retry_backoff_max=MAIL_BACKOFF_MAX,
+    retry_jitter=True,
+    max_retries=MAIL_MAX_RETRIES,
+)
+def send_failure_mail(build_id: int) -> str:
+    """Send a failed build's mail, once (djinn.notify.mail)."""
+    return mail.deliver_failure_mail(context.current(), int(build_id))
+
+
+@shared_task(
+    name=SEND_ADMIN_MAIL,
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=(OSError, smtplib.SMTPException),
+    retry_backoff=1,
+    retry_backoff_max=60,
+    retry_jitter=True,
+    max_retries=500,
+)
+def send_admin_mail(subject: str, body: str) -> str:
+    """Tell the operator (`smtp.admin`) about an unexpected worker error."""
+    return mail.send_admin_mail(context.current(), subject, body)
+
+
+@shared_task(
+    name=SET_COMMIT_STATUS,
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=(statuses.StatusRetry, OSError, OperationalError),
+    retry_backoff=2,
+    retry_backoff_max=300,
+    retry_jitter=True,
+    max_retries=12,
+)
+def set_commit_status(build_id: int) -> str:
+    """Post a pull-request build's current status to GitHub or GitLab."""
+    return statuses.set_commit_status(context.current(), int(build_id))
+
+
+@shared_task(
+    bind=True,
+    name=DELIVER_WEBHOOK,
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=(webhooks.DeliveryFailed, OperationalError),
+    retry_backoff=1,
+    retry_backoff_max=300,
+    retry_jitter=True,
+    max_retries=8,
+)
+def deliver_webhook(self, webhook_id: int, event: str, event_id: str, body: str) -> str:
+    """POST one build event to one namespace webhook, recording the attempt."""
+    return webhooks.deliver(
+        context.current(), int(webhook_id), event, event_id, body, redelivery=self.request.retries > 0
+    )
+
+
+_sweeper = None
+
+
+@worker_ready.connect
+def start_mail_sweep(**_) -> None:
+    """Workers that mail also look for mail a dead worker left owed (djinn.notify.sweep)."""
+    global _sweeper
+    from djinn.notify.sweep import Sweeper, sweep
+
+    ctx = context.current()
+    if ctx.config.smtp is None:
+        return
+    try:
+        sweep(ctx)
+    except Exception as exc:
+        log.warning("mail sweep: %s", exc)
+    _sweeper = Sweeper(ctx).start()
+
+
+@worker_shutdown.connect
+def stop_mail_sweep(**_) -> None:
+    if _sweeper is not None:
+        _sweeper.stop()
