@@ -7,7 +7,6 @@ LOCKED lets several reapers share the work without requeueing a build twice.
 from __future__ import annotations
 
 import logging
-import threading
 
 from sqlalchemy import func, select
 
@@ -16,6 +15,7 @@ from djinn.db import transaction
 from djinn.execute import remove_artifact_files
 from djinn.lease import MAX_ATTEMPTS, abandon, orphans, reset_for_rerun
 from djinn.models import Build
+from djinn.periodic import Periodic
 from djinn.queue import enqueue
 from djinn.status import Status
 from djinn.submit import queue_for
@@ -57,23 +57,6 @@ def sweep_leftovers(ctx: WorkerContext) -> list[str]:
     return removed
 
 
-class Reaper:
-    def __init__(self, ctx: WorkerContext) -> None:
-        self.ctx = ctx
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
-
-    def start(self) -> "Reaper":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.ctx.reaper_interval):
-            try:
-                reap(self.ctx)
-            except Exception as exc:  # broker or database away: try again next pass
-                log.warning("reaper: %s", exc)
+def Reaper(ctx: WorkerContext) -> Periodic:
+    """The reaper thread of a worker's main process."""
+    return Periodic("reaper", ctx.reaper_interval, lambda: reap(ctx))

@@ -14,7 +14,6 @@ Rows are locked with SKIP LOCKED, so several workers share the work.
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from typing import Any
 
 from sqlalchemy import func, or_, select, text, update
@@ -23,6 +22,7 @@ from djinn.db import transaction
 from djinn.models_notify import BuildNotification
 from djinn.notify.common import SEND_FAILURE_MAIL, log, send_task
 from djinn.notify.mail import MAIL, PENDING, SENDING
+from djinn.periodic import Periodic
 
 INTERVAL = 10.0
 # Only builds finished this long ago: the failure hook of a live worker comes first.
@@ -84,24 +84,6 @@ def sweep(ctx: Any) -> list[int]:
     return queued
 
 
-class Sweeper:
-    def __init__(self, ctx: Any, interval: float = INTERVAL) -> None:
-        self.ctx = ctx
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mail-sweep", daemon=True)
-
-    def start(self) -> "Sweeper":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                sweep(self.ctx)
-            except Exception as exc:  # broker or database away: the next pass tries again
-                log.warning("mail sweep: %s", exc)
+def Sweeper(ctx: Any, interval: float = INTERVAL) -> Periodic:
+    """The mail sweep thread of a worker's main process."""
+    return Periodic("mail-sweep", interval, lambda: sweep(ctx))
