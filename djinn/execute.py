@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from djinn import logs, metrics, notify, shutdown
 from djinn.context import WorkerContext
 from djinn.db import transaction
 from djinn.drivers import make_driver
@@ -21,6 +23,7 @@ from djinn.kill import KillListener
 from djinn.lease import Lease, abandon, beat, claim, held
 from djinn.manifest import Passthrough
 from djinn.models import Build, BuildArtifact, Object
+from djinn.periodic import Periodic
 from djinn.plan import BuildPlan, JobPlan, StagePlan
 from djinn.recorder import BuildArtifacts, DatabaseReporter
 from djinn.runner import Key, Runner, Variable
@@ -115,50 +118,102 @@ def load_build(ctx: WorkerContext, session, build_id: int) -> LoadedBuild:
     )
 
 
-class Heartbeat:
+class Heartbeat(Periodic):
     """Keeps the lease fresh; tells the caller when another worker has taken the build."""
 
     def __init__(self, ctx: WorkerContext, lease: Lease, on_lost) -> None:
+        super().__init__(f"heartbeat-{lease.build_id}", ctx.heartbeat_interval, self._beat)
         self.ctx = ctx
         self.lease = lease
         self.on_lost = on_lost
         self.lost = False
-        self.interval = ctx.heartbeat_interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{lease.build_id}", daemon=True)
 
-    def start(self) -> "Heartbeat":
-        self._thread.start()
-        return self
+    def _beat(self) -> bool:
+        # A failing beat (the database restarting) raises and is retried: the lease is stale only later.
+        with transaction(self.ctx.sessions) as session:
+            alive = beat(session, self.lease)
+        if not alive:
+            log.error("build %s: lease lost to another worker; stopping this run", self.lease.build_id)
+            self.lost = True
+            self.on_lost()
+        return alive
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                with transaction(self.ctx.sessions) as session:
-                    alive = beat(session, self.lease)
-            except Exception as exc:  # the database may be restarting; the lease is stale only later
-                log.warning("build %s: heartbeat failed: %s", self.lease.build_id, exc)
-                continue
-            if not alive:
-                log.error("build %s: lease lost to another worker; stopping this run", self.lease.build_id)
-                self.lost = True
-                self.on_lost()
-                return
+KILL = "kill"
+HAND_BACK = "hand-back"
+
+
+class Interrupts:
+    """Why the runner was stopped, in order: a hand-back must not turn a kill into a rerun."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reasons: list[str] = []
+        self.runner: Runner | None = None
+
+    def cancel(self, reason: str) -> None:
+        with self._lock:
+            self.reasons.append(reason)
+            runner = self.runner
+        if runner is not None:
+            runner.cancel(Status.KILLED)
+
+    @property
+    def handed_back(self) -> bool:
+        """The run ended because the worker is stopping (and not because someone killed it)."""
+        return bool(self.reasons) and self.reasons[0] == HAND_BACK and KILL not in self.reasons
 
 
 def run_build(ctx: WorkerContext, build_id: int) -> Status | None:
-    """Run build `build_id` if this worker can claim it; returns its final status, or None if not run."""
+    """Run build `build_id` if this worker can claim it; returns its final status, or None if not run.
+
+    None also when the worker stopped and handed the build back to be rerun elsewhere.
+    """
+    with logs.build_context(build_id), shutdown.track(build_id) as run:
+        return _run_build(ctx, build_id, run)
+
+
+def _run_build(ctx: WorkerContext, build_id: int, run: shutdown.BuildRun) -> Status | None:
+    if run.handed_back:
+        shutdown.requeue_unclaimed(ctx, build_id)
+        return None
+    wait = None
     with transaction(ctx.sessions) as session:
         lease = claim(session, build_id, ctx.name, ctx.stale_after, on_reset=lambda b: remove_artifact_files(ctx, session, b.id))
+        if lease is not None and metrics.enabled():
+            wait = session.scalar(select(func.extract("epoch", func.now() - Build.created_at)).where(Build.id == build_id))
     if lease is None:
         log.info("build %s: not claimed (finished, missing or running elsewhere)", build_id)
         return None
     log.info("build %s: claimed (attempt %s)", build_id, lease.attempt)
+    notify.on_build_started(ctx, build_id)
+    driver_label = ctx.config.driver
+    started = time.monotonic()
+    metrics.emit("build_started", build=build_id, driver=driver_label, wait=float(wait) if wait is not None else None)
+    outcome = metrics.ERROR
+    try:
+        status = _run_claimed(ctx, build_id, lease, run)
+        outcome = str(status) if status is not None else outcome
+        return status
+    except _HandedBack:
+        outcome = metrics.HANDED_BACK
+        return None
+    except _LeaseLost:
+        outcome = metrics.LOST
+        return None
+    finally:
+        metrics.emit("build_finished", build=build_id, driver=driver_label, status=outcome, seconds=time.monotonic() - started)
 
+
+class _HandedBack(Exception):
+    pass
+
+
+class _LeaseLost(Exception):
+    pass
+
+
+def _run_claimed(ctx: WorkerContext, build_id: int, lease: Lease, run: shutdown.BuildRun) -> Status:
     try:
         with ctx.sessions() as session:
             loaded = load_build(ctx, session, build_id)
@@ -178,6 +233,7 @@ def run_build(ctx: WorkerContext, build_id: int) -> Status | None:
     heartbeat: Heartbeat | None = None
     allowed = lambda: heartbeat is None or not heartbeat.lost  # noqa: E731
     reporter = DatabaseReporter(ctx.engine, build_id, loaded.job_ids, allowed)
+    interrupts = Interrupts()
     runner = Runner(
         loaded.plan,
         driver,
@@ -185,11 +241,13 @@ def run_build(ctx: WorkerContext, build_id: int) -> Status | None:
         keys=loaded.keys,
         objects=BuildObjects(ctx.objects, loaded.objects),
         artifacts=BuildArtifacts(ctx.engine, build_id, loaded.user_id, loaded.job_ids, ctx.artifacts),
-        reporter=reporter,
+        reporter=metrics.ObservingReporter(reporter, build_id, ctx.config.driver),
         timeout=ctx.config.timeout.total_seconds(),
     )
+    interrupts.runner = runner
     heartbeat = Heartbeat(ctx, lease, lambda: runner.cancel(Status.KILLED)).start()
-    listener = KillListener(ctx.config.redis, build_id, loaded.secret, lambda: runner.cancel(Status.KILLED)).start()
+    listener = KillListener(ctx.config.redis, build_id, loaded.secret, lambda: interrupts.cancel(KILL)).start()
+    run.attach(lambda: interrupts.cancel(HAND_BACK))
     try:
         status = runner.run()
     finally:
@@ -197,12 +255,18 @@ def run_build(ctx: WorkerContext, build_id: int) -> Status | None:
         heartbeat.stop()
     if runner.error is not None:
         log.error("build %s: internal error: %r", build_id, runner.error)
+        notify.on_worker_error(ctx, build_id, runner.error)
     if heartbeat.lost:
-        return None
+        raise _LeaseLost()
+    if status is Status.KILLED and interrupts.handed_back:
+        # The driver is destroyed (the runner always does); the rows go back to queued.
+        if shutdown.hand_back(ctx, lease, on_reset=lambda session, b: remove_artifact_files(ctx, session, b.id)):
+            raise _HandedBack()
+        raise _LeaseLost()  # left running on a lease nobody renews: the reaper requeues it
     with transaction(ctx.sessions) as session:
         if not held(session, lease):
             log.error("build %s: lease lost before the final write; another worker owns it", build_id)
-            return None
+            raise _LeaseLost()
         reporter.finish(session.connection(), status)
     log.info("build %s: %s", build_id, status)
     return status

@@ -28,6 +28,7 @@ def reap(ctx: WorkerContext) -> list[int]:
     done = []
     with transaction(ctx.sessions) as session:
         for build in orphans(session, ctx.stale_after):
+            dead_worker = build.worker
             reset_for_rerun(session, build, lambda b: remove_artifact_files(ctx, session, b.id))
             if build.attempt >= MAX_ATTEMPTS:
                 abandon(session, build, f"the build was started {build.attempt} times and each worker running it died; giving up")
@@ -36,7 +37,7 @@ def reap(ctx: WorkerContext) -> list[int]:
                 # Sent before the commit: if the broker is down the reset is rolled back
                 # and the next pass tries again. A duplicate message is dropped by the claim.
                 enqueue(ctx.app, build.id, queue_for(build.driver.type, build.driver.config))
-                log.warning("build %s: worker %s stopped beating; queued again", build.id, build.worker)
+                log.warning("build %s: worker %s stopped beating; queued again", build.id, dead_worker)
             done.append(build.id)
     return done
 

@@ -66,6 +66,13 @@ def effective_settings(worker: WorkerConfig, drivers: DriverConfig) -> dict:
 
 
 def run_daemon(config_path: str, driver_path: str, worker: WorkerConfig, drivers: DriverConfig) -> int:
+    """Run the Celery worker in this process until it is stopped.
+
+    Stopping (djinn.shutdown): the first SIGTERM or SIGINT drains (no new builds,
+    running ones finish, exit 0), a second one hands the running builds back to
+    be rerun by other workers. SIGHUP reopens the log file.
+    """
+    from djinn import logs, metrics
     from djinn.db import check_connection, make_engine
     from djinn.drivers import driver_class
     from djinn.kill import redis_client
@@ -84,9 +91,20 @@ def run_daemon(config_path: str, driver_path: str, worker: WorkerConfig, drivers
     # Pool processes and `celery -A djinn` read the same files through these.
     os.environ[CONFIG_ENV] = str(Path(config_path).resolve())
     os.environ[DRIVER_CONFIG_ENV] = str(Path(driver_path).resolve())
+    try:
+        logs.setup(worker.log.level, worker.log.file)
+    except OSError as exc:
+        raise DjinnError(f"log file {worker.log.file}: {exc.strerror}") from None
+    # Listening before the pool forks: a taken port stops the start, and every pool
+    # process inherits the socket its metric events go to.
+    metrics.start(worker)
     if worker.pidfile:
-        Path(worker.pidfile).parent.mkdir(parents=True, exist_ok=True)
-        Path(worker.pidfile).write_text(f"{os.getpid()}\n")
+        try:
+            Path(worker.pidfile).parent.mkdir(parents=True, exist_ok=True)
+            Path(worker.pidfile).write_text(f"{os.getpid()}\n")
+        except OSError as exc:
+            metrics.stop()
+            raise DjinnError(f"pidfile {worker.pidfile}: {exc.strerror}") from None
     argv = [
         "worker",
         "--queues",
@@ -101,11 +119,11 @@ def run_daemon(config_path: str, driver_path: str, worker: WorkerConfig, drivers
         "--without-gossip",
     ]
     if worker.log.file:
-        Path(worker.log.file).parent.mkdir(parents=True, exist_ok=True)
         argv += ["--logfile", worker.log.file]
     try:
         make_app(worker).worker_main(argv)
     finally:
+        metrics.stop()
         if worker.pidfile:
             Path(worker.pidfile).unlink(missing_ok=True)
     return 0

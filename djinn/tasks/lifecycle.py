@@ -1,22 +1,61 @@
-"""Worker start-up and shutdown: the Celery signals around the build tasks."""
+"""Worker start-up and shutdown: the Celery signals around the build tasks.
+
+- setup_logging: the worker's own structured log (djinn.logs) replaces Celery's;
+- worker_init (main process, before the pool forks): the metrics listener;
+- worker_process_init (each pool process): its SIGTERM will hand its build
+  back (djinn.shutdown);
+- worker_ready: start-up sweep, the reaper, and the main process's signals
+  (first SIGTERM/SIGINT drains, the second hands builds back, SIGHUP reopens);
+- worker_shutdown: the reaper and the listener stop.
+"""
 
 from __future__ import annotations
 
 import logging
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import setup_logging, worker_init, worker_process_init, worker_ready, worker_shutdown
 
 from djinn import context
 
 log = logging.getLogger(__name__)
 _reaper = None
+_controller = None
+
+
+@setup_logging.connect
+def on_setup_logging(**_) -> None:
+    """Log lines as djinn.logs writes them, to the config's `log` file at its level."""
+    from djinn import logs
+
+    config = context.current().config
+    logs.setup(config.log.level, config.log.file)
+
+
+@worker_init.connect
+def on_worker_init(sender=None, **_) -> None:
+    global _controller
+    from djinn import metrics
+
+    _controller = sender
+    try:
+        metrics.start(context.current().config)  # a no-op when djinn-worker started it already
+    except Exception as exc:  # `celery -A djinn worker`: run without metrics rather than not at all
+        log.error("metrics: %s", exc)
+
+
+@worker_process_init.connect
+def on_worker_process_init(**_) -> None:
+    from djinn import shutdown
+
+    shutdown.mark_pool_process()
 
 
 @worker_ready.connect
-def on_worker_ready(**_) -> None:
-    """Clean up after dead builds, then keep watching for builds whose worker died."""
+def on_worker_ready(sender=None, **_) -> None:
+    """Clean up after dead builds, keep watching for builds whose worker died, take over the signals."""
     global _reaper
     from djinn.reaper import Reaper, sweep_leftovers
+    from djinn.shutdown import MainSignals
 
     ctx = context.current()
     try:
@@ -24,9 +63,13 @@ def on_worker_ready(**_) -> None:
     except Exception as exc:  # a sweep that fails must not keep the worker from running builds
         log.warning("start-up sweep failed: %s", exc)
     _reaper = Reaper(ctx).start()
+    MainSignals(_controller or getattr(sender, "controller", None)).install()
 
 
 @worker_shutdown.connect
 def on_worker_shutdown(**_) -> None:
+    from djinn import metrics
+
     if _reaper is not None:
         _reaper.stop()
+    metrics.stop()

@@ -1,0 +1,337 @@
+"""Stopping a worker without losing or cutting builds: drain first, hand back second.
+
+The contract (SPEC section 10 and dist/):
+- the first SIGTERM or SIGINT stops the worker taking builds; the builds it runs
+  go on to their end, then it exits 0;
+- a second one (systemd sends it when the unit's stop timeout expires, the
+  SysVinit script after its drain wait) stops the running builds, destroys
+  their drivers and hands them back: each is reset to `queued` exactly as it
+  was submitted and queued again for another worker. A hand-back is not a
+  crash: the attempt is not counted and the build is not tagged `orphaned`.
+- SIGHUP reopens the log file (logrotate); pool processes reopen it by
+  themselves when it was moved (djinn.logs).
+
+How it fits Celery's prefork pool. Celery's own handlers are replaced once the
+worker is ready (Celery treats a second SIGTERM as nothing and SIGHUP as
+"re-exec the worker"). The first signal asks Celery for its warm shutdown,
+which stops consuming and waits for the pool. The builds run in pool processes,
+so on the second signal the main process sends SIGTERM to each of them; a pool
+process that runs a build hands it back and returns normally, one that is idle
+exits as it always did on SIGTERM. Celery's cold shutdown (SIGQUIT) also ends
+pool processes with SIGTERM, so it hands builds back too. With the solo or
+threads pool the builds run in the main process and are handed back there.
+
+Signal handlers only set flags and put an event on a queue (SimpleQueue.put is
+safe in a signal handler); a thread per process does the work, so a handler
+never takes a lock that the interrupted code may hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+RUNNING = "running"
+DRAINING = "draining"
+HANDING_BACK = "handing_back"
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class BuildRun:
+    """A build this process runs; `request()` (any thread) stops it so that another worker reruns it."""
+
+    def __init__(self, build_id: int) -> None:
+        self.build_id = build_id
+        self._lock = threading.Lock()
+        self._cancel: Callable[[], None] | None = None
+        self.handed_back = False
+
+    def attach(self, cancel: Callable[[], None]) -> None:
+        """What stops the run; called at once if a hand-back was asked for already."""
+        with self._lock:
+            self._cancel = cancel
+            requested = self.handed_back
+        if requested:
+            cancel()
+
+    def request(self) -> None:
+        with self._lock:
+            if self.handed_back:
+                return
+            self.handed_back = True
+            cancel = self._cancel
+        log.warning("build %s: the worker is stopping: handing the build back to be run by another worker", self.build_id)
+        if cancel is not None:
+            cancel()
+
+
+_runs_lock = threading.Lock()
+_runs: dict[int, BuildRun] = {}
+
+
+@contextmanager
+def track(build_id: int) -> Iterator[BuildRun]:
+    """Register a build run by this process for as long as the block runs."""
+    _install_child_handlers()
+    run = BuildRun(build_id)
+    with _runs_lock:
+        _runs[build_id] = run
+    try:
+        yield run
+    finally:
+        with _runs_lock:
+            _runs.pop(build_id, None)
+
+
+def running_builds() -> list[int]:
+    with _runs_lock:
+        return sorted(_runs)
+
+
+def request_hand_back() -> list[int]:
+    """Hand back every build this process runs now; returns their ids."""
+    with _runs_lock:
+        runs = list(_runs.values())
+    for run in runs:
+        run.request()
+    return [run.build_id for run in runs]
+
+
+# -- the per-process event thread -------------------------------------------------
+
+_events: "queue.SimpleQueue[tuple[Any, ...]]" = queue.SimpleQueue()
+_dispatcher_pid: int | None = None
+_phase = RUNNING
+_handlers: dict[str, Callable[..., None]] = {}
+
+
+def phase() -> str:
+    """running, draining (first stop signal seen) or handing_back (second one)."""
+    return _phase
+
+
+def _start_dispatcher() -> None:
+    global _dispatcher_pid, _events
+    if _dispatcher_pid == os.getpid():
+        return
+    _events = queue.SimpleQueue()  # a queue inherited through fork may hold the parent's events
+    _dispatcher_pid = os.getpid()
+    threading.Thread(target=_dispatch, args=(_events,), name="signals", daemon=True).start()
+
+
+def _dispatch(events: "queue.SimpleQueue[tuple[Any, ...]]") -> None:
+    while True:
+        name, *args = events.get()
+        try:
+            _handlers[name](*args)
+        except Exception:  # one failed action must not stop the next signal from being handled
+            log.exception("handling %s failed", name)
+
+
+def _reopen_logs() -> None:
+    from djinn import logs
+
+    logs.reopen()
+
+
+# -- pool processes ----------------------------------------------------------------
+
+_in_pool = False
+_child_handlers_pid: int | None = None
+_previous_term: Any = None
+
+
+def mark_pool_process() -> None:
+    """Called in each pool process as it starts (worker_process_init)."""
+    global _in_pool
+    _in_pool = True
+    _handlers["hand_back"] = request_hand_back
+    _start_dispatcher()
+
+
+def _install_child_handlers() -> None:
+    """Take over SIGTERM in a pool process, from the thread that runs builds.
+
+    Not at worker_process_init: billiard installs its own handlers for SIGTERM
+    and SIGHUP after that signal (its `_shutdown_cleanup`, which exits), so ours
+    are put in place when the process starts its first build. Its log needs no
+    SIGHUP: djinn.logs' handler reopens a file that was moved away.
+    """
+    global _child_handlers_pid, _previous_term
+    if not _in_pool or _child_handlers_pid == os.getpid():
+        return
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _previous_term = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _child_sigterm)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a HUP sent to the whole group must not end a build
+    _child_handlers_pid = os.getpid()
+
+
+def _child_sigterm(signum: int, frame: Any) -> None:
+    if not _runs:
+        # Idle: end the way a pool process ends on SIGTERM (billiard's handler, or the default).
+        if callable(_previous_term):
+            _previous_term(signum, frame)
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    _events.put(("hand_back",))
+
+
+# -- the main process ------------------------------------------------------------
+
+
+class MainSignals:
+    """The worker's main process: first stop signal drains, the second hands back, SIGHUP reopens logs."""
+
+    def __init__(self, worker: Any = None) -> None:
+        self.worker = worker  # Celery's WorkController, for the pool's processes
+        self.count = 0
+        self._state: Any = None
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("signal handlers not installed: not in the main thread")
+            return
+        from celery.worker import state  # imported here, never inside the signal handler
+
+        self._state = state
+        _handlers["stop"] = self._on_stop
+        _handlers["hup"] = self._on_hup
+        _start_dispatcher()
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._signal)
+        signal.signal(signal.SIGHUP, self._signal)
+
+    def _signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGHUP:
+            _events.put(("hup",))
+            return
+        self.count += 1
+        if self.count == 1 and self._state is not None:
+            self._state.should_stop = 0  # Celery's warm shutdown, exit status 0
+        _events.put(("stop", signum, self.count))
+
+    def pool_pids(self) -> list[int]:
+        try:
+            return [p.pid for p in self.worker.pool._pool._pool if p.pid]
+        except AttributeError:  # solo/threads pool, or the pool is gone already
+            return []
+
+    def _on_stop(self, signum: int, count: int) -> None:
+        global _phase
+        name = signal.Signals(signum).name
+        if count == 1:
+            _phase = DRAINING
+            busy = _active_requests()
+            log.warning(
+                "%s: graceful shutdown: taking no new builds, waiting for %d running build%s to finish "
+                "(send SIGTERM or SIGINT again to hand them back to other workers)",
+                name, busy, "" if busy == 1 else "s",
+            )
+            try:
+                from celery import signals
+
+                hostname = getattr(self.worker, "hostname", None)
+                signals.worker_shutting_down.send(sender=hostname, sig=name, how="Warm", exitcode=0)
+            except Exception:  # a receiver's error must not stop the shutdown
+                log.exception("worker_shutting_down receivers failed")
+            return
+        first = _phase != HANDING_BACK
+        _phase = HANDING_BACK
+        pids = self.pool_pids()
+        if first:
+            log.warning("%s again: stopping the running builds and handing them back", name)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        request_hand_back()
+
+    def _on_hup(self) -> None:
+        _reopen_logs()
+        log.info("SIGHUP: log file reopened")
+
+
+def _active_requests() -> int:
+    try:
+        from celery.worker import state
+
+        return len(state.active_requests)
+    except Exception:
+        return len(_runs)
+
+
+# -- giving a build back -------------------------------------------------------
+
+
+def hand_back(ctx, lease, on_reset: Callable[[Any, Any], None] | None = None) -> bool:
+    """Put a build this worker holds back to `queued` and on its queue, for another worker.
+
+    The attempt the claim counted is given back (a stopping worker is not a dying
+    one) and no `orphaned` tag is added. The message is sent inside the
+    transaction: if the broker cannot take it nothing changes, the build stays
+    running on a lease that nobody renews, and the reaper of another worker
+    queues it once the lease is stale (that path does count an attempt).
+    Returns whether the build was handed back.
+    """
+    from sqlalchemy import delete, select
+
+    from djinn.db import transaction
+    from djinn.lease import ORPHANED_TAG, held, reset_for_rerun
+    from djinn.models import Build, BuildTag
+    from djinn.queue import enqueue
+    from djinn.submit import queue_for
+
+    try:
+        with transaction(ctx.sessions) as session:
+            if not held(session, lease):
+                log.error("build %s: lease lost before the hand-back; another worker owns the build", lease.build_id)
+                return False
+            build = session.get(Build, lease.build_id)
+            tagged = session.scalar(
+                select(BuildTag.id).where(BuildTag.build_id == build.id, BuildTag.name == ORPHANED_TAG)
+            )
+            reset_for_rerun(session, build, (lambda b: on_reset(session, b)) if on_reset else None)
+            if tagged is None:
+                session.execute(delete(BuildTag).where(BuildTag.build_id == build.id, BuildTag.name == ORPHANED_TAG))
+            build.attempt = max(build.attempt - 1, 0)
+            session.flush()
+            enqueue(ctx.app, build.id, queue_for(build.driver.type, build.driver.config))
+    except Exception as exc:
+        log.error(
+            "build %s: could not hand the build back (%s); another worker reruns it once its lease is stale",
+            lease.build_id, exc,
+        )
+        return False
+    log.warning("build %s: handed back: queued again for another worker", lease.build_id)
+    return True
+
+
+def requeue_unclaimed(ctx, build_id: int) -> None:
+    """A build this stopping process received but did not start: queue it again so the message is not lost."""
+    from djinn.models import Build
+    from djinn.queue import enqueue
+    from djinn.submit import queue_for
+
+    try:
+        with ctx.sessions() as session:
+            build = session.get(Build, build_id)
+            if build is None or build.status != "queued":
+                return
+            target = queue_for(build.driver.type, build.driver.config)
+        enqueue(ctx.app, build_id, target)
+        log.warning("build %s: the worker is stopping: not started here, queued again", build_id)
+    except Exception as exc:
+        log.error("build %s: the worker is stopping and could not queue the build again: %s", build_id, exc)

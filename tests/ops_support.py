@@ -1,0 +1,94 @@
+"""Helpers (no fixtures) for the operations tests: signals, waiting, scraping."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from typing import Callable
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition", interval: float = 0.1):
+    """Poll until `predicate()` is truthy and return its value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def job_status(env, build_id: int, job: str) -> str | None:
+    for j in env.status(build_id)["jobs"]:
+        if j["name"] == job:
+            return j["status"]
+    return None
+
+
+def wait_job_running(env, build_id: int, job: str = "a.1", timeout: float = 30.0) -> None:
+    wait_for(lambda: job_status(env, build_id, job) == "running", timeout, f"job {job} of build {build_id} to run")
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
+    """The exit status of a worker that must stop by itself within `timeout` seconds."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"worker {proc.pid} still running {timeout}s after being asked to stop") from None
+
+
+def main_signal(proc: subprocess.Popen, sig: int) -> None:
+    """A signal to the worker's main process only, as systemd (KillMode=mixed) and start-stop-daemon send it."""
+    os.kill(proc.pid, sig)
+
+
+def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as res:
+            return res.status, res.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    """Every sample of the worker's /metrics as {(name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    code, body = http_get(f"http://127.0.0.1:{port}/metrics")
+    assert code == 200, body
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    """A sample's value; 0 when the series does not exist yet."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def health(port: int) -> tuple[int, dict]:
+    code, body = http_get(f"http://127.0.0.1:{port}/healthz")
+    return code, json.loads(body)
+
+
+def processes_with(text: str) -> list[str]:
+    """Command lines of live processes that contain `text` (to prove nothing of a build survived)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{pid}: {cmdline}")
+    return found

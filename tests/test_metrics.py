@@ -1,0 +1,200 @@
+"""Metrics, health and logs of real worker processes."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+
+from ops_support import health, main_signal, scrape, value, wait_exit, wait_for, wait_job_running
+from services import free_port
+from worker_support import WORKER
+
+PASSING = """
+driver: {type: os}
+stages: [build, test]
+jobs:
+  - {stage: build, commands: ["echo building"]}
+  - {stage: test, commands: ["echo testing"]}
+"""
+FAILING = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['exit 3']}\n"
+SLOW = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo slow', 'sleep 5.5']}\n"
+
+
+def _with_metrics(env) -> int:
+    port = free_port()
+    env.write_config(extra=f'metrics "127.0.0.1:{port}"')
+    return port
+
+
+def _settled(port: int, name: str, expected: float, **labels: str) -> dict:
+    """Scrape until `name{labels}` reaches `expected` (events arrive just after the rows are written)."""
+    return wait_for(
+        lambda: (lambda s: s if value(s, name, **labels) == expected else None)(scrape(port)),
+        15,
+        f"{name}{labels} == {expected}",
+    )
+
+
+def test_counters_and_histograms_move_with_builds(worker_env):
+    port = _with_metrics(worker_env)
+    worker_env.start_worker()
+    before = scrape(port)
+    assert value(before, "djinn_builds_started_total", driver="os") == 0
+    assert value(before, "djinn_builds_running", driver="os") == 0
+    assert value(before, "djinn_worker_info", driver="os", queue="builds_os", version="0.1.0") == 1
+    assert value(before, "djinn_worker_parallelism") == 2
+
+    builds = [worker_env.submit(PASSING), worker_env.submit(PASSING), worker_env.submit(FAILING)]
+    for build_id in builds:
+        worker_env.wait_status(build_id)
+
+    slow = worker_env.submit(SLOW)
+    wait_job_running(worker_env, slow)
+    during = _settled(port, "djinn_builds_running", 1, driver="os")
+    assert value(during, "djinn_builds_started_total", driver="os") == 4
+    assert worker_env.wait_status(slow)["status"] == "passed"
+
+    after = _settled(port, "djinn_builds_finished_total", 3, driver="os", status="passed")
+    assert value(after, "djinn_builds_started_total", driver="os") == 4
+    assert value(after, "djinn_builds_finished_total", driver="os", status="failed") == 1
+    assert value(after, "djinn_builds_running", driver="os") == 0
+
+    # Histograms: one observation per build / job / creation, sums that are real durations.
+    assert value(after, "djinn_build_duration_seconds_count", driver="os", status="passed") == 3
+    assert value(after, "djinn_build_duration_seconds_count", driver="os", status="failed") == 1
+    assert value(after, "djinn_build_duration_seconds_sum", driver="os", status="passed") >= 5.5  # the slow one slept 5.5s
+    assert value(after, "djinn_build_duration_seconds_bucket", driver="os", status="passed", le="5.0") == 2
+    assert value(after, "djinn_build_duration_seconds_bucket", driver="os", status="passed", le="10.0") == 3
+    assert value(after, "djinn_build_duration_seconds_bucket", driver="os", status="passed", le="+Inf") == 3
+    assert value(after, "djinn_job_duration_seconds_count", driver="os", status="passed") == 5  # 2 + 2 + 1
+    assert value(after, "djinn_job_duration_seconds_count", driver="os", status="failed") == 1
+    assert value(after, "djinn_build_queue_wait_seconds_count", driver="os") == 4
+    assert value(after, "djinn_build_queue_wait_seconds_sum", driver="os") > 0
+    assert value(after, "djinn_driver_create_duration_seconds_count", driver="os", status="passed") == 4
+    assert value(after, "djinn_metrics_events_dropped_total") == 0
+
+
+def test_health_fails_while_redis_or_postgres_is_down(worker_env, redis_server, postgres):
+    port = _with_metrics(worker_env)
+    worker_env.start_worker()
+    code, body = health(port)
+    assert code == 200, body
+    assert body["broker"]["ok"] and body["database"]["ok"] and body["status"] == "ok"
+
+    redis_server.stop()
+    try:
+        code, body = health(port)
+        assert code == 503, body
+        assert body["status"] == "unhealthy"
+        assert not body["broker"]["ok"] and body["database"]["ok"]
+        assert "Connection" in body["broker"]["detail"]
+    finally:
+        redis_server.start()
+    wait_for(lambda: health(port)[0] == 200, 30, "health to come back with Redis")
+
+    postgres.stop()
+    try:
+        code, body = health(port)
+        assert code == 503, body
+        assert body["broker"]["ok"] and not body["database"]["ok"]
+    finally:
+        postgres.start()
+    wait_for(lambda: health(port)[0] == 200, 30, "health to come back with PostgreSQL")
+    # The worker went on: it still runs builds.
+    assert worker_env.wait_status(worker_env.submit(FAILING), timeout=60)["status"] == "failed"
+
+
+def test_handed_back_build_counted_as_such(worker_env):
+    port = _with_metrics(worker_env)
+    proc = worker_env.start_worker()
+    build_id = worker_env.submit(SLOW.replace("sleep 5.5", "sleep 40"))
+    wait_job_running(worker_env, build_id)
+    _settled(port, "djinn_builds_running", 1, driver="os")
+    main_signal(proc, signal.SIGTERM)
+    during = _settled(port, "djinn_worker_shutting_down", 1)
+    code, body = health(port)
+    assert code == 200 and body["shutdown"] == "draining"
+    assert value(during, "djinn_builds_running", driver="os") == 1
+    main_signal(proc, signal.SIGTERM)
+    # The listener lives as long as the worker: read the counter before it exits.
+    wait_for(
+        lambda: value(scrape(port), "djinn_builds_finished_total", driver="os", status="handed_back") == 1,
+        15,
+        "the hand-back to be counted",
+    )
+    assert wait_exit(proc, 30) == 0
+
+
+def test_celery_command_serves_metrics_too(worker_env):
+    port = _with_metrics(worker_env)
+    worker_env.start_worker(celery=True, name="celery")
+    assert worker_env.wait_status(worker_env.submit(FAILING))["status"] == "failed"
+    _settled(port, "djinn_builds_finished_total", 1, driver="os", status="failed")
+
+
+def test_taken_metrics_port_stops_the_start_with_a_clear_error(worker_env):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        worker_env.write_config(extra=f'metrics "127.0.0.1:{port}"')
+        res = subprocess.run(
+            [WORKER, "-config", str(worker_env.config), "-driver", str(worker_env.driver_config)],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert res.returncode == 1
+    assert f'metrics "127.0.0.1:{port}": cannot listen: Address already in use' in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+# -- logs ----------------------------------------------------------------------
+
+FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def _parse(line: str) -> dict[str, str]:
+    fields = {k: (v[1:-1].replace('\\"', '"').replace("\\\\", "\\") if v.startswith('"') else v) for k, v in FIELD.findall(line)}
+    # Every character of the line belongs to a field: nothing unstructured.
+    assert " ".join(f"{m.group(0)}" for m in FIELD.finditer(line)) == line, line
+    return fields
+
+
+def test_log_lines_are_structured_with_build_and_job(worker_env):
+    worker_env.start_worker()
+    build_id = worker_env.submit(SLOW.replace("sleep 5.5", "sleep 30"))
+    wait_job_running(worker_env, build_id)
+    worker_env.cli("kill", str(build_id))
+    assert worker_env.wait_status(build_id)["status"] == "killed"
+    wait_for(lambda: f"build {build_id}: killed" in (worker_env.root / "worker.log").read_text(), 10, "the final line")
+
+    lines = [_parse(line) for line in (worker_env.root / "worker.log").read_text().splitlines()]
+    for fields in lines:
+        assert {"time", "level", "process", "logger", "msg"} <= fields.keys(), fields
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", fields["time"])
+        assert fields["level"] in ("debug", "info", "warning", "error", "critical")
+    claimed = [f for f in lines if f["msg"].endswith("claimed (attempt 1)")]
+    assert claimed and claimed[0]["build"] == str(build_id) and "job" not in claimed[0]
+    # Logged by the kill listener's thread while job a.1 ran: both are named.
+    (kill,) = [f for f in lines if "kill received" in f["msg"]]
+    assert (kill["build"], kill["job"]) == (str(build_id), "a.1")
+    # Lines of the main process about no build carry no build.
+    assert all("build" not in f for f in lines if f["msg"].endswith(" ready."))
+
+
+def test_log_level_from_config(worker_env):
+    log = worker_env.root / "quiet.log"
+    text = worker_env.config.read_text()
+    worker_env.config.write_text(text.replace(f'log info "{worker_env.root}/worker.log"', f'log warn "{log}"'))
+    proc = subprocess.Popen(
+        [WORKER, "-config", str(worker_env.config), "-driver", str(worker_env.driver_config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    worker_env.processes.append(proc)
+    assert worker_env.wait_status(worker_env.submit(PASSING), timeout=60)["status"] == "passed"
+    main_signal(proc, signal.SIGTERM)
+    assert wait_exit(proc, 30) == 0
+    lines = [_parse(line) for line in log.read_text().splitlines()]
+    assert any("graceful shutdown" in f["msg"] and f["level"] == "warning" for f in lines)
+    assert not [f for f in lines if f["level"] in ("debug", "info")]
