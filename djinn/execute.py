@@ -6,13 +6,14 @@ Plain functions with no Celery in them: the task in djinn.tasks.build calls
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from djinn import logs, metrics, notify, shutdown
 from djinn.context import WorkerContext
@@ -22,7 +23,7 @@ from djinn.errors import DjinnError
 from djinn.kill import KillListener
 from djinn.lease import Lease, abandon, beat, claim, held
 from djinn.manifest import Passthrough
-from djinn.models import Build, BuildArtifact, Object
+from djinn.models import Build, BuildArtifact
 from djinn.periodic import Periodic
 from djinn.plan import BuildPlan, JobPlan, StagePlan
 from djinn.recorder import BuildArtifacts, DatabaseReporter
@@ -64,52 +65,74 @@ class BuildObjects:
         return self.files.open(user_id, hash_)
 
 
+# The whole build in one round trip: each child table folded into a JSON array.
+LOAD_BUILD = text(
+    """
+    SELECT b.id, b.user_id, b.number, b.secret, d.type AS driver_type, d.config AS driver_config,
+      (SELECT json_agg(json_build_object('id', s.id, 'name', s.name, 'can_fail', s.can_fail) ORDER BY s.id)
+         FROM build_stages s WHERE s.build_id = b.id) AS stages,
+      (SELECT json_agg(json_build_object('id', j.id, 'stage_id', j.stage_id, 'name', j.name, 'commands', j.commands) ORDER BY j.id)
+         FROM build_jobs j WHERE j.build_id = b.id) AS jobs,
+      (SELECT json_agg(json_build_object('job_id', a.job_id, 'source', a.source, 'name', a.name) ORDER BY a.id)
+         FROM build_artifacts a WHERE a.build_id = b.id) AS artifacts,
+      (SELECT json_agg(json_build_object('source', o.source, 'name', o.name, 'user_id', ob.user_id, 'hash', ob.hash) ORDER BY o.id)
+         FROM build_objects o LEFT JOIN objects ob ON ob.id = o.object_id WHERE o.build_id = b.id) AS objects,
+      (SELECT json_agg(json_build_object('key', v.key, 'value', v.value, 'masked', v.masked) ORDER BY v.id)
+         FROM build_variables v WHERE v.build_id = b.id) AS variables,
+      (SELECT json_agg(json_build_object('name', k.name, 'key', encode(k.key, 'base64'), 'config', k.config) ORDER BY k.id)
+         FROM build_keys k WHERE k.build_id = b.id) AS keys
+    FROM builds b LEFT JOIN build_drivers d ON d.build_id = b.id
+    WHERE b.id = :id
+    """
+)
+
+
 def load_build(ctx: WorkerContext, session, build_id: int) -> LoadedBuild:
-    build = session.get(Build, build_id)
-    artifacts: dict[int, list[BuildArtifact]] = {}
-    for artifact in build.artifacts:
-        artifacts.setdefault(artifact.job_id, []).append(artifact)
+    row = session.execute(LOAD_BUILD, {"id": build_id}).mappings().one()
+    artifacts: dict[int, list[Passthrough]] = {}
+    for a in row["artifacts"] or []:
+        artifacts.setdefault(a["job_id"], []).append(Passthrough(a["source"], a["name"]))
+    jobs_by_stage: dict[int, list[dict]] = {}
+    for job in row["jobs"] or []:
+        jobs_by_stage.setdefault(job["stage_id"], []).append(job)
     job_ids: dict[int, int] = {}
     stages = []
-    for stage in build.stages:
+    for stage in row["stages"] or []:
         jobs = []
-        for job in stage.jobs:
+        for job in jobs_by_stage.get(stage["id"], []):
             plan_job = JobPlan(
-                stage.name,
-                job.name,
-                tuple(job.commands.split("\n")) if job.commands else (),
-                tuple(Passthrough(a.source, a.name) for a in artifacts.get(job.id, [])),
+                stage["name"],
+                job["name"],
+                tuple(job["commands"].split("\n")) if job["commands"] else (),
+                tuple(artifacts.get(job["id"], [])),
             )
-            job_ids[id(plan_job)] = job.id
+            job_ids[id(plan_job)] = job["id"]
             jobs.append(plan_job)
-        stages.append(StagePlan(stage.name, stage.can_fail, tuple(jobs)))
-    objects = {}
-    for obj in build.objects:
-        row = session.get(Object, obj.object_id) if obj.object_id else None
-        if row is not None:
-            objects[obj.source] = (row.user_id, row.hash)
-    plan = BuildPlan(stages=tuple(stages), objects=tuple(Passthrough(o.source, o.name) for o in build.objects))
+        stages.append(StagePlan(stage["name"], stage["can_fail"], tuple(jobs)))
+    build_objects = row["objects"] or []
+    objects = {o["source"]: (o["user_id"], o["hash"]) for o in build_objects if o["hash"] is not None}
+    plan = BuildPlan(stages=tuple(stages), objects=tuple(Passthrough(o["source"], o["name"]) for o in build_objects))
 
     variables = []
-    for var in build.variables:
-        value = var.value
-        if var.masked:
+    for var in row["variables"] or []:
+        value = var["value"]
+        if var["masked"]:
             if ctx.cipher is None:
                 raise DjinnError("the build has masked variables but the worker config has no crypto block")
             value = ctx.cipher.decrypt_text(value)
-        variables.append(Variable(var.key, value, var.masked))
+        variables.append(Variable(var["key"], value, var["masked"]))
     keys = []
-    for key in build.keys:
+    for key in row["keys"] or []:
         if ctx.cipher is None:
             raise DjinnError("the build has keys but the worker config has no crypto block")
-        keys.append(Key(key.name, ctx.cipher.decrypt(key.key).decode(), key.config or ""))
+        keys.append(Key(key["name"], ctx.cipher.decrypt(base64.b64decode(key["key"])).decode(), key["config"] or ""))
     return LoadedBuild(
-        id=build.id,
-        user_id=build.user_id,
-        number=build.number,
-        secret=build.secret or "",
-        driver_type=build.driver.type if build.driver else "",
-        driver_config=dict(build.driver.config) if build.driver else {},
+        id=row["id"],
+        user_id=row["user_id"],
+        number=row["number"],
+        secret=row["secret"] or "",
+        driver_type=row["driver_type"] or "",
+        driver_config=dict(row["driver_config"]) if row["driver_type"] else {},
         plan=plan,
         job_ids=job_ids,
         variables=variables,

@@ -119,6 +119,22 @@ def create_build(
     number = (session.scalar(select(func.max(Build.number)).where(Build.user_id == user.id)) or 0) + 1
 
     namespace = _namespace(session, user, manifest.namespace) if manifest.namespace else None
+    objects = []
+    for obj in manifest.objects:
+        object_id = session.scalar(
+            select(Object.id).where(Object.user_id == user.id, Object.name == obj.source, Object.deleted_at.is_(None))
+        )
+        if object_id is None:
+            raise SubmitError(f"objects: {user.username} has no object named {obj.source!r}")
+        objects.append((obj, object_id))
+
+    # Built as one object graph with no query in between, and written in one flush:
+    # a few multi-row INSERTs.
+    with session.no_autoflush:
+        return _build_graph(session, manifest, user, number, namespace, objects, variables, keys, cipher, trigger)
+
+
+def _build_graph(session, manifest, user, number, namespace, objects, variables, keys, cipher, trigger) -> Build:
     build = Build(
         user_id=user.id,
         namespace_id=namespace.id if namespace else None,
@@ -139,13 +155,9 @@ def create_build(
         build.keys.append(
             BuildKey(name=key.name, key=cipher.encrypt(key.key.encode()), config=key.config, location=f"/root/.ssh/{key.name}")
         )
-    for obj in manifest.objects:
-        row = session.scalar(select(Object).where(Object.user_id == user.id, Object.name == obj.source, Object.deleted_at.is_(None)))
-        if row is None:
-            raise SubmitError(f"objects: {user.username} has no object named {obj.source!r}")
-        build.objects.append(BuildObject(object_id=row.id, source=obj.source, name=obj.destination))
+    for obj, object_id in objects:
+        build.objects.append(BuildObject(object_id=object_id, source=obj.source, name=obj.destination))
 
-    # Built as one object graph and written in one flush: a few multi-row INSERTs.
     for stage_plan in plan_build(manifest, number).stages:
         stage = BuildStage(name=stage_plan.name, can_fail=stage_plan.can_fail)
         build.stages.append(stage)

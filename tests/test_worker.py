@@ -301,3 +301,46 @@ def test_worker_refuses_to_start_without_services(worker_env, tmp_path):
     assert res.returncode == 1
     assert "cannot connect to PostgreSQL at 127.0.0.1:1" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_objects_keys_and_masked_variables_through_the_worker(worker_env):
+    import hashlib as _hashlib
+
+    worker_env.start_worker()
+    # An object owned by the user, in the object store as <path>/<user_id>/<hash>.
+    ((user_id,),) = worker_env.sql("INSERT INTO users (username, email) VALUES ('carol', NULL) RETURNING id")
+    data = b"object payload\n"
+    worker_env.sql(
+        "INSERT INTO objects (user_id, hash, name, type, size, sha256) VALUES (:u, 'abc123', 'data.txt', 'text/plain', :n, :s)",
+        u=user_id, n=len(data), s=_hashlib.sha256(data).digest(),
+    )
+    store = worker_env.root / "objects" / str(user_id)
+    store.mkdir(parents=True)
+    (store / "abc123").write_bytes(data)
+    key = worker_env.root / "deploy.key"
+    key.write_text("-----BEGIN TEST KEY-----\nsecret-key-material\n-----END TEST KEY-----\n")
+
+    build_id = worker_env.submit(
+        "driver: {type: os}\nobjects: ['data.txt => in/data.txt']\nstages: [a]\njobs:\n  - stage: a\n    commands:\n"
+        "      - cat in/data.txt\n      - stat -c '%a' .ssh/deploy\n      - cat .ssh/deploy\n      - echo \"token=$TOKEN\"\n",
+        "-user", "carol", "-key", f"deploy={key}", "-secret", "TOKEN=very-secret-token",
+    )
+    info = worker_env.wait_status(build_id)
+    assert info["status"] == "passed", worker_env.log_tail()
+    (output,) = worker_env.sql("SELECT output FROM builds WHERE id = :id", id=build_id)[0]
+    assert "object payload\n" in output
+    assert "\n600\n" in output
+    assert "secret-key-material" not in output and "very-secret-token" not in output
+    assert "token=xxxxxx" in output
+    assert worker_env.sql("SELECT placed FROM build_objects WHERE build_id = :id", id=build_id) == [(True,)]
+    ((stored_key,),) = worker_env.sql("SELECT key FROM build_keys WHERE build_id = :id", id=build_id)
+    assert b"secret-key-material" not in bytes(stored_key)  # encrypted at rest
+
+
+def test_submit_refuses_unknown_object_and_writes_nothing(worker_env):
+    path = worker_env.root / "m.yml"
+    path.write_text("driver: {type: os}\nobjects: [missing.bin]\nstages: [a]\njobs:\n  - {stage: a, commands: ['true']}\n")
+    res = worker_env.cli("submit", str(path), check=False)
+    assert res.returncode == 2
+    assert "has no object named 'missing.bin'" in res.stderr
+    assert worker_env.sql("SELECT count(*) FROM builds")[0][0] == 0

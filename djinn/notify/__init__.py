@@ -19,6 +19,8 @@ import functools
 import traceback
 from typing import Any, Callable, TypeVar
 
+from sqlalchemy import text
+
 from djinn.notify.common import (
     DELIVER_WEBHOOK,
     FAILED,
@@ -57,6 +59,14 @@ def _never_raises(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+_ANY_EVENTS = text(
+    """
+    SELECT EXISTS (SELECT 1 FROM build_triggers t WHERE t.build_id = :id AND t.type = 'pull')
+        OR EXISTS (SELECT 1 FROM builds b JOIN namespace_webhooks w ON w.namespace_id = b.namespace_id WHERE b.id = :id)
+    """
+)
+
+
 def _build_events(ctx: Any, build_id: int, event: str) -> None:
     """Queue the commit status and the webhook deliveries for a build event."""
     from djinn.models import Build
@@ -64,6 +74,9 @@ def _build_events(ctx: Any, build_id: int, event: str) -> None:
     from djinn.notify.webhooks import event_payloads
 
     with ctx.sessions() as session:
+        # Most builds have neither a pull request nor a webhook: find that out in one query.
+        if not session.execute(_ANY_EVENTS, {"id": build_id}).scalar():
+            return
         build = session.get(Build, build_id)
         if build is None:
             return
