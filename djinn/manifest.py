@@ -63,7 +63,7 @@ def load_manifest(path: str | Path) -> Manifest:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ManifestError([f"no such file (pass the manifest with -manifest FILE)"], str(path)) from None
+        raise ManifestError(["no such file (pass the manifest with -manifest FILE)"], str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError([f"cannot read: {exc}"], str(path)) from None
     return parse_manifest(text, str(path))

@@ -20,15 +20,14 @@ from pathlib import Path
 import docker
 import pytest
 
+from runner_support import runner_for
+
 from djinn.drivers import make_driver
 from djinn.drivers.docker import DockerDriver, sweep
 from djinn.errors import DriverError
-from djinn.manifest import parse_manifest
 from djinn.paths import PathEscapeError
-from djinn.plan import plan_build
-from djinn.runner import Key, Runner, Variable
+from djinn.runner import Key, Runner
 from djinn.status import Status
-from djinn.store import DirectoryArtifacts, DirectoryObjects
 
 from docker_support import IMAGE, NOTHING, labelled, wait_for
 
@@ -43,20 +42,12 @@ def new_id(tag: str) -> str:
 
 
 def make_runner(manifest: str, reporter, tmp_path: Path, build_id: str, **kwargs) -> tuple[Runner, DockerDriver]:
-    m = parse_manifest(manifest)
-    driver = make_driver("docker", {**m.driver, "build_id": build_id, "worker": WORKER})
-    assert isinstance(driver, DockerDriver)
-    variables = kwargs.pop("variables", [Variable(k, v) for k, v in m.env])
-    runner = Runner(
-        plan_build(m),
-        driver,
-        variables=variables,
-        objects=DirectoryObjects(tmp_path / "objects"),
-        artifacts=DirectoryArtifacts(tmp_path / "artifacts"),
-        reporter=reporter,
-        **kwargs,
-    )
-    return runner, driver
+    def driver_for(m):
+        driver = make_driver("docker", {**m.driver, "build_id": build_id, "worker": WORKER})
+        assert isinstance(driver, DockerDriver)
+        return driver
+
+    return runner_for(manifest, driver_for, reporter, tmp_path, **kwargs)
 
 
 HEAD = f"driver: {{type: docker, image: '{IMAGE}', workspace: /workspace}}\n"

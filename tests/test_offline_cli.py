@@ -7,10 +7,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import pytest
 
 DJINN = shutil.which("djinn", path=os.path.dirname(sys.executable)) or "djinn"
 

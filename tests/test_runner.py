@@ -7,7 +7,8 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
+
+from runner_support import runner_for
 
 from djinn.drivers.os import OSDriver
 from djinn.manifest import parse_manifest
@@ -15,23 +16,10 @@ from djinn.output import Masker
 from djinn.plan import plan_build
 from djinn.runner import Runner, Variable
 from djinn.status import Status
-from djinn.store import DirectoryArtifacts, DirectoryObjects
 
 
 def make_runner(manifest: str, reporter, tmp_path: Path, **kwargs) -> tuple[Runner, OSDriver]:
-    m = parse_manifest(manifest)
-    driver = OSDriver()
-    variables = kwargs.pop("variables", [Variable(k, v) for k, v in m.env])
-    runner = Runner(
-        plan_build(m),
-        driver,
-        variables=variables,
-        objects=DirectoryObjects(tmp_path / "objects"),
-        artifacts=DirectoryArtifacts(tmp_path / "artifacts"),
-        reporter=reporter,
-        **kwargs,
-    )
-    return runner, driver
+    return runner_for(manifest, lambda m: OSDriver(), reporter, tmp_path, **kwargs)
 
 
 def pid_alive(pid: int) -> bool:

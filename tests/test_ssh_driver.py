@@ -22,14 +22,13 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from runner_support import runner_for
+
 from djinn.config import DriverConfig, SSHSettings
 from djinn.drivers.ssh import SSHDriver, parse_address, parse_timeout
 from djinn.errors import DriverError
-from djinn.manifest import parse_manifest
-from djinn.plan import plan_build
 from djinn.runner import Key, Runner, Variable
 from djinn.status import Status
-from djinn.store import DirectoryArtifacts, DirectoryObjects
 from sshd_support import SSHServer
 
 DJINN = shutil.which("djinn", path=os.path.dirname(sys.executable)) or "djinn"
@@ -66,19 +65,10 @@ def wait_for(predicate, within: float = 30.0) -> bool:
 
 
 def make_runner(manifest: str, reporter, tmp_path: Path, settings: dict, **kwargs) -> tuple[Runner, SSHDriver]:
-    m = parse_manifest(manifest)
-    driver = SSHDriver({**DriverConfig.defaults().settings_for("ssh"), **settings, **m.driver})
-    variables = kwargs.pop("variables", [Variable(k, v) for k, v in m.env])
-    runner = Runner(
-        plan_build(m),
-        driver,
-        variables=variables,
-        objects=DirectoryObjects(tmp_path / "objects"),
-        artifacts=DirectoryArtifacts(tmp_path / "artifacts"),
-        reporter=reporter,
-        **kwargs,
-    )
-    return runner, driver
+    def driver_for(m):
+        return SSHDriver({**DriverConfig.defaults().settings_for("ssh"), **settings, **m.driver})
+
+    return runner_for(manifest, driver_for, reporter, tmp_path, **kwargs)
 
 
 def root_settings(server: SSHServer) -> dict:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
 
 from worker_support import WORKER
 

@@ -6,7 +6,6 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import BinaryIO, Sequence
 
 from djinn.cli import EXIT_INVALID, ArgumentParser, fail
@@ -18,7 +17,7 @@ from djinn.manifest import load_manifest
 from djinn.plan import JobPlan, plan_build
 from djinn.runner import DEFAULT_TIMEOUT, Reporter, Runner, Variable
 from djinn.status import Status
-from djinn.store import DirectoryArtifacts, DirectoryObjects, StoredArtifact
+from djinn.store import DirectoryArtifacts, DirectoryObjects
 
 PROG = "djinn"
 

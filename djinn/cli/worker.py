@@ -11,10 +11,8 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
