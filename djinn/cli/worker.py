@@ -222,6 +222,15 @@ def _build_id_parser(name: str, description: str) -> ArgumentParser:
     return parser
 
 
+def _get_build(session, build_id: int):
+    from djinn.models import Build
+
+    build = session.get(Build, build_id)
+    if build is None:
+        raise DjinnError(f"no build with id {build_id}")
+    return build
+
+
 def _iso(value) -> str | None:
     return value.isoformat() if value is not None else None
 
@@ -230,13 +239,10 @@ def cmd_status(argv: Sequence[str]) -> int:
     parser = _build_id_parser("status", "Show a build's status, its jobs and artifacts.")
     parser.add_argument("-json", "--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    from djinn.models import Build
 
     ctx = _context(args.config)
     with ctx.sessions() as session:
-        build = session.get(Build, args.id)
-        if build is None:
-            raise DjinnError(f"no build with id {args.id}")
+        build = _get_build(session, args.id)
         stage_names = {s.id: s.name for s in build.stages}
         info = {
             "id": build.id,
@@ -294,13 +300,10 @@ def cmd_kill(argv: Sequence[str]) -> int:
     parser = _build_id_parser("kill", "Kill a running build (publishes its secret on the kill-<ID> Redis channel).")
     args = parser.parse_args(argv)
     from djinn.kill import publish_kill
-    from djinn.models import Build
 
     ctx = _context(args.config)
     with ctx.sessions() as session:
-        build = session.get(Build, args.id)
-        if build is None:
-            raise DjinnError(f"no build with id {args.id}")
+        build = _get_build(session, args.id)
         secret, status = build.secret, build.status
     if status not in ("queued", "running"):
         raise DjinnError(f"build {args.id} is already {status}")

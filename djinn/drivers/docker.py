@@ -391,12 +391,10 @@ class DockerDriver(Driver):
         if "*" in source:
             yield from self._collect_glob(container, full)
             return
-        try:
-            chunks, stat = self.api.get_archive(container, full)
-        except docker.errors.NotFound:
+        found = self._archive(container, full, source)
+        if found is None:
             return
-        except _ENGINE_ERRORS as exc:
-            raise DriverError(f"cannot copy {source!r} out of the container: {_explain(exc)}") from None
+        chunks, stat = found
         target = (stat or {}).get("linkTarget") or ""
         if target and target != full:
             # A symlink: follow it only while it stays inside the workspace.
@@ -404,18 +402,25 @@ class DockerDriver(Driver):
             resolved = posixpath.normpath(target)
             if resolved != self.workspace and not resolved.startswith(self.workspace + "/"):
                 raise PathEscapeError(f"artifact source {source!r} links outside the workspace ({target})")
-            try:
-                chunks, _ = self.api.get_archive(container, resolved)
-            except docker.errors.NotFound:
+            found = self._archive(container, resolved, source)
+            if found is None:
                 return
-            except _ENGINE_ERRORS as exc:
-                raise DriverError(f"cannot copy {source!r} out of the container: {_explain(exc)}") from None
+            chunks = found[0]
         with tarfile.open(fileobj=io.BufferedReader(_ChunkReader(chunks), READ_SIZE), mode="r|") as tar:
             member = tar.next()
             if member is not None and member.isfile():
                 stream = tar.extractfile(member)
                 if stream is not None:
                     yield posixpath.relpath(full, self.workspace), stream
+
+    def _archive(self, container: str, path: str, source: str) -> tuple[Any, dict] | None:
+        """The tar stream and stat of `path` in the container, None when it does not exist."""
+        try:
+            return self.api.get_archive(container, path)
+        except docker.errors.NotFound:
+            return None
+        except _ENGINE_ERRORS as exc:
+            raise DriverError(f"cannot copy {source!r} out of the container: {_explain(exc)}") from None
 
     def _collect_glob(self, container: str, pattern: str) -> Iterator[tuple[str, BinaryIO]]:
         """Files matching `pattern` (a `*` in a component matches within it), from one archive of their directory."""
