@@ -1,0 +1,75 @@
+"""The worker's PostgreSQL connections when the server restarts under them (a real server)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from djinn import db
+from djinn.config.settings import DatabaseSettings
+
+_names = itertools.count(1)
+
+
+@pytest.fixture
+def sessions(postgres):
+    name = f"djinn_db_{os.getpid()}_{next(_names)}"
+    postgres.create_database(name)
+    engine = db.make_engine(DatabaseSettings(addr=postgres.addr, name=name, username="postgres"))
+    yield db.sessions(engine)
+    engine.dispose()
+
+
+def backend_pid(session) -> int:
+    return session.scalar(text("SELECT pg_backend_pid()"))
+
+
+def test_idle_connection_is_pinged_and_replaced_after_a_restart(sessions, postgres, monkeypatch):
+    with db.transaction(sessions) as session:
+        before = backend_pid(session)
+    postgres.restart()
+    monkeypatch.setattr(db, "PING_AFTER_IDLE", 0.0)  # every checkout counts as idle
+    with db.transaction(sessions) as session:
+        assert backend_pid(session) != before
+
+
+def test_recently_used_connection_is_not_pinged_and_a_restart_is_retried(sessions, postgres, monkeypatch):
+    monkeypatch.setattr(db, "PING_AFTER_IDLE", 3600.0)  # no checkout counts as idle: no ping
+    with db.transaction(sessions) as session:
+        before = backend_pid(session)
+    postgres.restart()
+
+    # Without the retry the dead connection fails the work...
+    with pytest.raises(DBAPIError) as failed:
+        with db.transaction(sessions) as session:
+            backend_pid(session)
+    assert failed.value.connection_invalidated
+
+    # ...with it, the work runs again on a new connection.
+    with db.transaction(sessions) as session:
+        before = backend_pid(session)
+    postgres.restart()
+    calls = []
+
+    def work(session) -> int:
+        calls.append(1)
+        return backend_pid(session)
+
+    after = db.retry_on_disconnect(sessions, work)
+    assert after != before and len(calls) == 2
+
+
+def test_retry_on_disconnect_does_not_retry_other_errors(sessions):
+    calls = []
+
+    def work(session) -> None:
+        calls.append(1)
+        session.execute(text("SELECT * FROM no_such_table"))
+
+    with pytest.raises(DBAPIError):
+        db.retry_on_disconnect(sessions, work)
+    assert len(calls) == 1
