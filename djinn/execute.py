@@ -13,15 +13,15 @@ import time
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from sqlalchemy import func, select, text
+from sqlalchemy import RowMapping, select, text
 
 from djinn import logs, metrics, notify, shutdown
 from djinn.context import WorkerContext
-from djinn.db import transaction
+from djinn.db import retry_on_disconnect, transaction
 from djinn.drivers import make_driver
 from djinn.errors import DjinnError
 from djinn.kill import KillListener
-from djinn.lease import Lease, abandon, beat, claim, held
+from djinn.lease import Lease, abandon, beat, claim
 from djinn.manifest import Passthrough
 from djinn.models import Build, BuildArtifact
 from djinn.periodic import Periodic
@@ -49,6 +49,8 @@ class LoadedBuild:
     variables: list[Variable] = field(default_factory=list)
     keys: list[Key] = field(default_factory=list)
     objects: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: Whether anyone wants the build's start and finish events (statuses, webhooks).
+    wants_events: bool = False
 
 
 class BuildObjects:
@@ -67,8 +69,9 @@ class BuildObjects:
 
 # The whole build in one round trip: each child table folded into a JSON array.
 LOAD_BUILD = text(
-    """
+    f"""
     SELECT b.id, b.user_id, b.number, b.secret, d.type AS driver_type, d.config AS driver_config,
+      extract(epoch FROM now() - b.created_at) AS waited, ({notify.WANTS_EVENTS}) AS wants_events,
       (SELECT json_agg(json_build_object('id', s.id, 'name', s.name, 'can_fail', s.can_fail) ORDER BY s.id)
          FROM build_stages s WHERE s.build_id = b.id) AS stages,
       (SELECT json_agg(json_build_object('id', j.id, 'stage_id', j.stage_id, 'name', j.name, 'commands', j.commands) ORDER BY j.id)
@@ -87,8 +90,13 @@ LOAD_BUILD = text(
 )
 
 
-def load_build(ctx: WorkerContext, session, build_id: int) -> LoadedBuild:
-    row = session.execute(LOAD_BUILD, {"id": build_id}).mappings().one()
+def fetch_build(session, build_id: int) -> RowMapping:
+    """The build's rows as read by LOAD_BUILD, undecoded (see `decode_build`)."""
+    return session.execute(LOAD_BUILD, {"id": build_id}).mappings().one()
+
+
+def decode_build(ctx: WorkerContext, row: RowMapping) -> LoadedBuild:
+    """Turn LOAD_BUILD's row into a LoadedBuild, decrypting what the worker's key protects."""
     artifacts: dict[int, list[Passthrough]] = {}
     for a in row["artifacts"] or []:
         artifacts.setdefault(a["job_id"], []).append(Passthrough(a["source"], a["name"]))
@@ -138,6 +146,7 @@ def load_build(ctx: WorkerContext, session, build_id: int) -> LoadedBuild:
         variables=variables,
         keys=keys,
         objects=objects,
+        wants_events=bool(row["wants_events"]),
     )
 
 
@@ -200,22 +209,23 @@ def _run_build(ctx: WorkerContext, build_id: int, run: shutdown.BuildRun) -> Sta
     if run.handed_back:
         shutdown.requeue_unclaimed(ctx, build_id)
         return None
-    wait = None
-    with transaction(ctx.sessions) as session:
+    def claim_and_fetch(session) -> tuple[Lease | None, RowMapping | None]:
         lease = claim(session, build_id, ctx.name, ctx.stale_after, on_reset=lambda b: remove_artifact_files(ctx, session, b.id))
-        if lease is not None and metrics.enabled():
-            wait = session.scalar(select(func.extract("epoch", func.now() - Build.created_at)).where(Build.id == build_id))
-    if lease is None:
+        return lease, fetch_build(session, build_id) if lease is not None else None
+
+    lease, row = retry_on_disconnect(ctx.sessions, claim_and_fetch)
+    if lease is None or row is None:
         log.info("build %s: not claimed (finished, missing or running elsewhere)", build_id)
         return None
     log.info("build %s: claimed (attempt %s)", build_id, lease.attempt)
-    notify.on_build_started(ctx, build_id)
+    if row["wants_events"]:
+        notify.on_build_started(ctx, build_id)
     driver_label = ctx.config.driver
     started = time.monotonic()
-    metrics.emit("build_started", build=build_id, driver=driver_label, wait=float(wait) if wait is not None else None)
+    metrics.emit("build_started", build=build_id, driver=driver_label, wait=float(row["waited"]))
     outcome = metrics.ERROR
     try:
-        status = _run_claimed(ctx, build_id, lease, run)
+        status = _run_claimed(ctx, build_id, lease, run, row)
         outcome = str(status) if status is not None else outcome
         return status
     except _HandedBack:
@@ -236,10 +246,9 @@ class _LeaseLost(Exception):
     pass
 
 
-def _run_claimed(ctx: WorkerContext, build_id: int, lease: Lease, run: shutdown.BuildRun) -> Status:
+def _run_claimed(ctx: WorkerContext, build_id: int, lease: Lease, run: shutdown.BuildRun, row: RowMapping) -> Status:
     try:
-        with ctx.sessions() as session:
-            loaded = load_build(ctx, session, build_id)
+        loaded = decode_build(ctx, row)
         settings = {
             **ctx.drivers.settings_for(loaded.driver_type),
             **loaded.driver_config,
@@ -255,7 +264,7 @@ def _run_claimed(ctx: WorkerContext, build_id: int, lease: Lease, run: shutdown.
 
     heartbeat: Heartbeat | None = None
     allowed = lambda: heartbeat is None or not heartbeat.lost  # noqa: E731
-    reporter = DatabaseReporter(ctx.engine, build_id, loaded.job_ids, allowed)
+    reporter = DatabaseReporter(ctx.engine, build_id, loaded.job_ids, allowed, has_objects=bool(loaded.plan.objects))
     interrupts = Interrupts()
     runner = Runner(
         loaded.plan,
@@ -287,11 +296,13 @@ def _run_claimed(ctx: WorkerContext, build_id: int, lease: Lease, run: shutdown.
             raise _HandedBack()
         raise _LeaseLost()  # left running on a lease nobody renews: the reaper requeues it
     with transaction(ctx.sessions) as session:
-        if not held(session, lease):
+        if not reporter.finish(session.connection(), status, lease):
             log.error("build %s: lease lost before the final write; another worker owns it", build_id)
-            raise _LeaseLost()
-        reporter.finish(session.connection(), status)
+            raise _LeaseLost()  # rolls the transaction back
     log.info("build %s: %s", build_id, status)
+    if loaded.wants_events:
+        # Checked when the build was loaded: a webhook added while it ran is told from the next build on.
+        notify.on_build_finished(ctx, build_id, status)
     return status
 
 

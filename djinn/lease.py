@@ -130,27 +130,23 @@ def abandon(session: Session, build: Build, reason: str) -> None:
     session.flush()
 
 
+def holds(lease: Lease) -> tuple:
+    """WHERE conditions true only while `lease` holds its build (with `Build.id == lease.build_id`)."""
+    return (Build.worker == lease.worker, Build.attempt == lease.attempt, Build.status == Status.RUNNING.value)
+
+
 def beat(session: Session, lease: Lease) -> bool:
     """Refresh the heartbeat; False when the lease was lost (another worker took the build)."""
     result = session.execute(
-        update(Build)
-        .where(
-            Build.id == lease.build_id,
-            Build.worker == lease.worker,
-            Build.attempt == lease.attempt,
-            Build.status == Status.RUNNING.value,
-        )
-        .values(heartbeat_at=func.now())
+        update(Build).where(Build.id == lease.build_id, *holds(lease)).values(heartbeat_at=func.now())
     )
     return result.rowcount == 1
 
 
 def held(session: Session, lease: Lease) -> bool:
-    """Whether `lease` still holds its build (checked before the final write)."""
-    row = session.execute(
-        select(Build.worker, Build.attempt, Build.status).where(Build.id == lease.build_id).with_for_update()
-    ).one_or_none()
-    return row is not None and (row.worker, row.attempt, row.status) == (lease.worker, lease.attempt, Status.RUNNING.value)
+    """Whether `lease` still holds its build, locking the row for the caller's transaction."""
+    row = session.execute(select(Build.id).where(Build.id == lease.build_id, *holds(lease)).with_for_update()).first()
+    return row is not None
 
 
 def orphans(session: Session, stale_after: dt.timedelta, limit: int = 50) -> list[Build]:

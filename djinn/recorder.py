@@ -17,10 +17,11 @@ import threading
 import time
 from typing import Any, BinaryIO, Callable, Iterator
 
-from sqlalchemy import Engine, delete, func, insert, select, text, update
+from sqlalchemy import Engine, func, insert, select, text, update
 
 from djinn.errors import DjinnError
-from djinn.models import Build, BuildArtifact, BuildJob, BuildJobOutput, BuildObject
+from djinn.lease import Lease
+from djinn.models import Build, BuildArtifact, BuildJobOutput, BuildObject
 from djinn.plan import CREATE_DRIVER, JobPlan
 from djinn.runner import Reporter
 from djinn.status import Status
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_BYTES = 256 * 1024
 FLUSH_SECONDS = 0.25
+URGENT_SECONDS = 0.05
 # Output waiting for the writer beyond this makes the job wait: memory stays bounded
 # whatever a job prints, even while the database is slow.
 MAX_PENDING = 8 * 1024 * 1024
@@ -43,13 +45,50 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _folded_output(where) -> Any:
-    """The chunks matching `where`, concatenated in order, computed by the database."""
-    return (
-        select(func.coalesce(func.string_agg(BuildJobOutput.data, text("'' ORDER BY build_job_output.id")), ""))
-        .where(where)
-        .scalar_subquery()
-    )
+#: PostgreSQL NOTIFY channel told each finished build's id when its rows are final,
+#: so a client can wait for a build (LISTEN) instead of polling.
+FINISHED_CHANNEL = "djinn_build_finished"
+
+_OUTPUT = BuildJobOutput.__table__
+
+# The writes below run several times a build: plain SQL, one statement shape each,
+# so no statement is built or compiled per call.
+
+# A job's changes in a batch. started_at: when it started, else the one stored,
+# else (a job that never ran) when it was skipped. With :fold, its chunks become
+# `output` (read through the (build_id, id) index).
+UPDATE_JOB = text(
+    """
+    UPDATE build_jobs SET
+      status = :status,
+      started_at = COALESCE(:started_at, started_at, :finished_at),
+      finished_at = :finished_at,
+      output = CASE WHEN :fold THEN
+        (SELECT COALESCE(string_agg(o.data, '' ORDER BY o.id), '') FROM build_job_output o
+          WHERE o.build_id = :build_id AND o.job_id = :job_id)
+        ELSE output END
+    WHERE id = :job_id
+    """
+)
+
+# The build's final row, only while the lease holds (the caller rolls back when no
+# row comes back). The chunks are folded into `output` and deleted in the same
+# statement: every part of it reads the snapshot from before the DELETE. The
+# NOTIFY is delivered when the transaction commits.
+FINISH_BUILD = text(
+    f"""
+    WITH folded AS (DELETE FROM build_job_output WHERE build_id = :id AND :fold)
+    UPDATE builds SET
+      status = :status,
+      finished_at = now(),
+      worker = NULL,
+      output = CASE WHEN :fold THEN
+        (SELECT COALESCE(string_agg(o.data, '' ORDER BY o.id), '') FROM build_job_output o WHERE o.build_id = :id)
+        ELSE output END
+    WHERE id = :id AND worker = :worker AND attempt = :attempt AND status = 'running'
+    RETURNING pg_notify('{FINISHED_CHANNEL}', CAST(:id AS text))
+    """
+)
 
 
 class DatabaseReporter(Reporter):
@@ -66,8 +105,10 @@ class DatabaseReporter(Reporter):
         build_id: int,
         job_ids: dict[int, int],
         allowed: Callable[[], bool] = lambda: True,
+        has_objects: bool = True,
     ) -> None:
         self.engine = engine
+        self.has_objects = has_objects
         self.build_id = build_id
         self.job_ids = job_ids
         self.allowed = allowed
@@ -77,7 +118,7 @@ class DatabaseReporter(Reporter):
         self.sizes: dict[int, int] = {}
         self._ops: list[list[Any]] = []
         self._pending = 0
-        self._urgent = False
+        self._urgent_at: float | None = None
         self._stopping = False
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._decoding: int | None = None
@@ -109,8 +150,8 @@ class DatabaseReporter(Reporter):
             else:
                 self._ops.append(["output", job_id, [chunk]])
             self._pending += len(chunk)
-            if self._pending >= FLUSH_BYTES:
-                self._cond.notify_all()
+            if len(self._ops) == 1 or self._pending >= FLUSH_BYTES:
+                self._cond.notify_all()  # the writer starts its FLUSH_SECONDS, or writes now
             while self._pending > MAX_PENDING and self._thread.is_alive():
                 self._cond.wait(1)
 
@@ -122,7 +163,7 @@ class DatabaseReporter(Reporter):
         self._queue(["finish", self._job_id(job), status, _now(), ran], urgent=True)
 
     def build_finished(self, status: Status) -> None:
-        """Wait until everything reported is written; `finish` then makes the final write."""
+        """Stop the writer thread; what it has not written yet goes into `finish`'s transaction."""
         self.final = status
         with self._cond:
             self._end_decoding()
@@ -130,26 +171,34 @@ class DatabaseReporter(Reporter):
             self._cond.notify_all()
         self._thread.join()
 
-    def finish(self, conn, status: Status) -> None:
-        """The build's final write, in the caller's transaction (which checked the lease)."""
-        if self.objects_placed:
+    def finish(self, conn, status: Status, lease: Lease) -> bool:
+        """The build's final write, in the caller's transaction, if `lease` still holds the build.
+
+        Returns False (having written nothing the caller should keep: roll back) when
+        another worker owns the build. The lease is checked by the UPDATE itself, which
+        also locks the row until the transaction ends.
+        """
+        self._write_ops(conn, self._ops)
+        self._ops = []
+        if self.objects_placed and self.has_objects:
             conn.execute(update(BuildObject).where(BuildObject.build_id == self.build_id).values(placed=True))
-        values: dict = {"status": status.value, "finished_at": func.now(), "worker": None}
-        if sum(self.sizes.values()) <= COLUMN_LIMIT:
-            values["output"] = _folded_output(BuildJobOutput.build_id == self.build_id)
-            conn.execute(update(Build).where(Build.id == self.build_id).values(**values))
-            conn.execute(delete(BuildJobOutput).where(BuildJobOutput.build_id == self.build_id))
-        else:
-            conn.execute(update(Build).where(Build.id == self.build_id).values(**values))
+        params = {
+            "id": self.build_id,
+            "status": status.value,
+            "worker": lease.worker,
+            "attempt": lease.attempt,
+            "fold": sum(self.sizes.values()) <= COLUMN_LIMIT,
+        }
+        return conn.execute(FINISH_BUILD, params).first() is not None
 
     # -- the writer thread ------------------------------------------------------
 
     def _queue(self, op: list[Any], urgent: bool = False) -> None:
         with self._cond:
             self._ops.append(op)
-            if urgent:
-                self._urgent = True
-                self._cond.notify_all()
+            if urgent and self._urgent_at is None:
+                self._urgent_at = time.monotonic()
+            self._cond.notify_all()
 
     def _end_decoding(self) -> None:
         """Flush the decoder's held bytes (a split UTF-8 sequence) into the job's output."""
@@ -163,16 +212,8 @@ class DatabaseReporter(Reporter):
         self._decoding = None
 
     def _write_loop(self) -> None:
-        while True:
-            with self._cond:
-                if not self._ops and not self._stopping:
-                    self._cond.wait(FLUSH_SECONDS)
-                if not self._urgent and not self._stopping and self._pending < FLUSH_BYTES:
-                    self._cond.wait(FLUSH_SECONDS)
-                ops, self._ops = self._ops, []
-                self._urgent = False
-                stopping = self._stopping
-            while ops:
+        while (ops := self._next_batch()) is not None:
+            while True:
                 try:
                     self._write(ops)
                     break
@@ -182,36 +223,65 @@ class DatabaseReporter(Reporter):
             with self._cond:
                 self._pending -= sum(len(c) for op in ops if op[0] == "output" for c in op[2])
                 self._cond.notify_all()
-                if stopping and not self._ops:
-                    return
+
+    def _next_batch(self) -> list[list[Any]] | None:
+        """Wait for a batch worth a transaction; None once the build is over.
+
+        Output waits up to FLUSH_SECONDS to be written, a job starting or ending
+        URGENT_SECONDS: long enough that a short build's reports all go into its
+        final transaction, short enough that `status` and `logs -f` look live.
+        """
+        with self._cond:
+            while not self._ops and not self._stopping:
+                self._cond.wait()
+            deadline = time.monotonic() + FLUSH_SECONDS
+            while not self._stopping and self._pending < FLUSH_BYTES:
+                if self._urgent_at is not None:
+                    deadline = min(deadline, self._urgent_at + URGENT_SECONDS)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            if self._stopping:
+                return None  # the rest is written by finish(), in the build's final transaction
+            ops, self._ops = self._ops, []
+            self._urgent_at = None
+            return ops
 
     def _write(self, ops: list[list[Any]]) -> None:
         if not self.allowed():
             return
-        sizes = dict(self.sizes)
         with self.engine.begin() as conn:
-            for op in ops:
-                kind, job_id = op[0], op[1]
-                if kind == "start":
-                    conn.execute(
-                        update(BuildJob).where(BuildJob.id == job_id).values(status=Status.RUNNING.value, started_at=op[2])
-                    )
-                elif kind == "output":
-                    data = "".join(op[2])
-                    conn.execute(insert(BuildJobOutput).values(build_id=self.build_id, job_id=job_id, data=data))
-                    sizes[job_id] = sizes.get(job_id, 0) + len(data)
-                elif op[4]:  # a job that ran finished
-                    values = {"status": op[2].value, "finished_at": op[3]}
-                    if sizes.get(job_id, 0) <= COLUMN_LIMIT:
-                        values["output"] = _folded_output(BuildJobOutput.job_id == job_id)
-                    conn.execute(update(BuildJob).where(BuildJob.id == job_id).values(**values))
-                else:
-                    conn.execute(
-                        update(BuildJob)
-                        .where(BuildJob.id == job_id)
-                        .values(status=op[2].value, started_at=func.coalesce(BuildJob.started_at, op[3]), finished_at=op[3])
-                    )
+            self._write_ops(conn, ops)
+
+    def _write_ops(self, conn, ops: list[list[Any]]) -> None:
+        """Write a batch: all its output in one INSERT, then one UPDATE per job it touches."""
+        chunks: list[dict[str, Any]] = []
+        changes: dict[int, dict[str, Any]] = {}  # job id -> what happened to it in this batch, in order
+        sizes = dict(self.sizes)
+        for op in ops:
+            kind, job_id = op[0], op[1]
+            if kind == "output":
+                data = "".join(op[2])
+                chunks.append({"build_id": self.build_id, "job_id": job_id, "data": data})
+                sizes[job_id] = sizes.get(job_id, 0) + len(data)
+            elif kind == "start":
+                changes.setdefault(job_id, {})["started_at"] = op[2]
+            else:
+                changes.setdefault(job_id, {})["finished"] = op[2:]
+        if chunks:
+            conn.execute(insert(_OUTPUT), chunks)
+        if changes:
+            conn.execute(UPDATE_JOB, [self._job_params(job_id, change, sizes) for job_id, change in changes.items()])
         self.sizes = sizes
+
+    def _job_params(self, job_id: int, change: dict[str, Any], sizes: dict[int, int]) -> dict[str, Any]:
+        params = {"build_id": self.build_id, "job_id": job_id, "started_at": change.get("started_at")}
+        if "finished" not in change:
+            return {**params, "status": Status.RUNNING.value, "finished_at": None, "fold": False}
+        status, finished_at, ran = change["finished"]
+        fold = ran and sizes.get(job_id, 0) <= COLUMN_LIMIT
+        return {**params, "status": status.value, "finished_at": finished_at, "fold": fold}
 
 
 class BuildArtifacts:

@@ -6,8 +6,9 @@ never raise: a notification that cannot be queued is logged, it must not fail
 or hold up the build. The failure mail is the exception that is also kept in
 the database (djinn.notify.mail), so it is never lost.
 
-- on_build_started: from djinn.execute.run_build right after the claim.
-- on_build_finished / on_build_failed: from the build task's Celery hooks
+- on_build_started / on_build_finished: from djinn.execute.run_build right after
+  the claim and right after the final write, for builds that want events.
+- on_build_failed: from the build task's Celery failure hook
   (djinn.tasks.build), once the build's rows are final.
 - on_worker_error / on_task_error: a bug in the worker, mailed to `smtp.admin`
   with the traceback.
@@ -59,12 +60,13 @@ def _never_raises(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-_ANY_EVENTS = text(
-    """
-    SELECT EXISTS (SELECT 1 FROM build_triggers t WHERE t.build_id = :id AND t.type = 'pull')
-        OR EXISTS (SELECT 1 FROM builds b JOIN namespace_webhooks w ON w.namespace_id = b.namespace_id WHERE b.id = :id)
-    """
-)
+# Whether build `b` has anyone to tell about its events (a pull request or a
+# namespace webhook); most builds have neither. Also read when a build is loaded.
+WANTS_EVENTS = """
+    EXISTS (SELECT 1 FROM build_triggers t WHERE t.build_id = b.id AND t.type = 'pull')
+    OR EXISTS (SELECT 1 FROM namespace_webhooks w WHERE w.namespace_id = b.namespace_id)
+"""
+_ANY_EVENTS = text(f"SELECT {WANTS_EVENTS} FROM builds b WHERE b.id = :id")
 
 
 def _build_events(ctx: Any, build_id: int, event: str) -> None:

@@ -32,18 +32,12 @@ class BuildFailed(Exception):
 
 
 class BuildTask(Task):
-    """Tells about finished builds from Celery's success and failure hooks."""
-
-    def on_success(self, retval, task_id, args, kwargs) -> None:
-        if retval is not None:
-            notify.on_build_finished(context.current(), int(args[0]), Status(retval))
+    """Mails about failed builds from Celery's failure hook."""
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         ctx = context.current()
         if isinstance(exc, BuildFailed):
-            # The mail first: it is the notification that must not be lost.
             notify.on_build_failed(ctx, exc.build_id, exc.status)
-            notify.on_build_finished(ctx, exc.build_id, exc.status)
         else:
             notify.on_task_error(ctx, int(args[0]) if args else None, str(einfo.traceback))
 

@@ -1,0 +1,97 @@
+"""DatabaseReporter against a real PostgreSQL: live job rows, the final write under the lease."""
+
+from __future__ import annotations
+
+import datetime as dt
+import select
+import time
+
+import pytest
+from sqlalchemy import create_engine
+
+from djinn.db import sessions as make_sessions
+from djinn.db import transaction
+from djinn.lease import claim
+from djinn.plan import JobPlan
+from djinn.recorder import FINISHED_CHANNEL, DatabaseReporter
+from djinn.status import Status
+
+MANIFEST = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['true']}\n"
+
+
+@pytest.fixture
+def claimed(worker_env):
+    """A submitted build claimed by worker 'w1', and a reporter for its job `a.1`."""
+    build_id = worker_env.submit(MANIFEST)
+    engine = create_engine(worker_env.url)
+    with transaction(make_sessions(engine)) as session:
+        lease = claim(session, build_id, "w1", dt.timedelta(minutes=1))
+    ((job_row,),) = worker_env.sql("SELECT id FROM build_jobs WHERE build_id = :id AND name = 'a.1'", id=build_id)
+    job = JobPlan("a", "a.1", ("true",))
+    reporter = DatabaseReporter(engine, build_id, {id(job): job_row})
+    yield build_id, lease, reporter, job, engine
+    engine.dispose()
+
+
+def job_row(worker_env, build_id):
+    return worker_env.sql("SELECT status, output FROM build_jobs WHERE build_id = :id AND name = 'a.1'", id=build_id)[0]
+
+
+def test_job_rows_are_live_while_the_build_runs(worker_env, claimed):
+    build_id, lease, reporter, job, engine = claimed
+    reporter.job_started(job)
+    reporter.job_output(job, b"hello\n")
+    deadline = time.monotonic() + 2
+    while job_row(worker_env, build_id)[0] != "running" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert job_row(worker_env, build_id)[0] == "running"
+    while not worker_env.sql("SELECT data FROM build_job_output WHERE build_id = :id", id=build_id) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker_env.sql("SELECT data FROM build_job_output WHERE build_id = :id", id=build_id) == [("hello\n",)]
+    reporter.job_finished(job, Status.PASSED, ran=True)
+    reporter.build_finished(Status.PASSED)
+    with engine.begin() as conn:
+        assert reporter.finish(conn, Status.PASSED, lease)
+    assert job_row(worker_env, build_id) == ("passed", "hello\n")
+
+
+def test_final_write_folds_output_and_announces_the_build(worker_env, claimed):
+    build_id, lease, reporter, job, engine = claimed
+    pooled = engine.raw_connection()
+    pooled.detach()  # a connection of its own, never handed back to the pool
+    listener = pooled.dbapi_connection
+    listener.autocommit = True
+    listener.cursor().execute(f"LISTEN {FINISHED_CHANNEL}")
+
+    # A short build: everything reported goes into the final transaction.
+    reporter.job_started(job)
+    reporter.job_output(job, b"one\n")
+    reporter.job_output(job, b"two\n")
+    reporter.job_finished(job, Status.PASSED, ran=True)
+    reporter.build_finished(Status.PASSED)
+    with engine.begin() as conn:
+        assert reporter.finish(conn, Status.PASSED, lease)
+        listener.poll()
+        assert listener.notifies == []  # told only once the rows are committed
+
+    assert select.select([listener], [], [], 5)[0]
+    listener.poll()
+    assert [n.payload for n in listener.notifies] == [str(build_id)]
+    assert job_row(worker_env, build_id) == ("passed", "one\ntwo\n")
+    assert worker_env.sql("SELECT status, output, worker FROM builds WHERE id = :id", id=build_id) == [("passed", "one\ntwo\n", None)]
+    assert worker_env.sql("SELECT count(*) FROM build_job_output WHERE build_id = :id", id=build_id) == [(0,)]
+    listener.close()
+
+
+def test_final_write_refused_once_another_worker_holds_the_build(worker_env, claimed):
+    build_id, lease, reporter, job, engine = claimed
+    reporter.job_started(job)
+    reporter.job_output(job, b"late\n")
+    reporter.job_finished(job, Status.PASSED, ran=True)
+    reporter.build_finished(Status.PASSED)
+    # The build was reset and taken by another worker meanwhile (attempt 2).
+    worker_env.sql("UPDATE builds SET worker = 'w2', attempt = 2 WHERE id = :id", id=build_id)
+    with engine.connect() as conn:
+        assert reporter.finish(conn, Status.PASSED, lease) is False
+        conn.rollback()
+    assert worker_env.sql("SELECT status, worker, output FROM builds WHERE id = :id", id=build_id) == [("running", "w2", None)]
