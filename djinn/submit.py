@@ -6,7 +6,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import JSON, bindparam, delete, func, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from djinn.config import queue_for_driver
@@ -17,12 +17,8 @@ from djinn.manifest import Manifest, parse_manifest
 from djinn.models import (
     Build,
     BuildArtifact,
-    BuildDriver,
-    BuildJob,
     BuildKey,
     BuildObject,
-    BuildStage,
-    BuildTrigger,
     BuildVariable,
     Namespace,
     Object,
@@ -116,13 +112,12 @@ def create_build(
     trigger: Trigger | None = None,
 ) -> Created:
     """Write the build and everything it needs, in `session`'s transaction."""
+    # The caller holds the user row's lock (get_or_create_user), so the number is ours.
+    number = (session.scalar(select(func.max(Build.number)).where(Build.user_id == user.id)) or 0) + 1
     variables = [Variable(k, v) for k, v in manifest.env] + list(variables)
     keys = list(keys)
     if cipher is None and (keys or any(v.masked for v in variables)):
         raise SubmitError("masked variables and keys are stored encrypted: add a crypto { block, salt } block to the worker config")
-
-    # The caller holds the user row's lock (get_or_create_user), so the number is ours.
-    number = (session.scalar(select(func.max(Build.number)).where(Build.user_id == user.id)) or 0) + 1
 
     namespace = _namespace(session, user, manifest.namespace) if manifest.namespace else None
     objects = []
@@ -137,31 +132,68 @@ def create_build(
     return _insert_rows(session, manifest, user, number, namespace, objects, variables, keys, cipher, trigger or Trigger())
 
 
-def _insert_rows(session, manifest, user, number, namespace, objects, variables, keys, cipher, trigger) -> Created:
-    """The rows of SPEC section 2, one multi-row INSERT a table (ORM units of work cost more than the SQL)."""
-    build_id = session.execute(
-        insert(Build)
-        .values(
-            user_id=user.id,
-            namespace_id=namespace.id if namespace else None,
-            number=number,
-            manifest=manifest.text,
-            status="queued",
-            secret=secrets.token_hex(16),
-        )
-        .returning(Build.id)
-    ).scalar_one()
-    session.execute(insert(BuildDriver).values(build_id=build_id, type=manifest.driver_type, config=dict(manifest.driver)))
-    session.execute(
-        insert(BuildTrigger).values(
-            build_id=build_id,
-            type=trigger.type,
-            comment=trigger.comment,
-            data=trigger.data or {},
-            provider_id=trigger.provider_id,
-            repo_id=trigger.repo_id,
-        )
+# The build and the rows every build has, in one round trip. Stages and jobs arrive
+# as arrays; their ids are drawn in array order (so stages run, and `job_ids` comes
+# back, in that order) and a job names its stage by position.
+INSERT_BUILD = text(
+    """
+    WITH b AS (
+      INSERT INTO builds (user_id, namespace_id, number, manifest, status, secret)
+      VALUES (:user_id, :namespace_id, :number, :manifest, 'queued', :secret)
+      RETURNING id
+    ), driver AS (
+      INSERT INTO build_drivers (build_id, type, config)
+      SELECT id, CAST(:driver_type AS driver_type), CAST(:driver_config AS json) FROM b
+    ), trig AS (
+      INSERT INTO build_triggers (build_id, type, comment, data, provider_id, repo_id)
+      SELECT id, CAST(:trigger_type AS trigger_type), :comment, CAST(:trigger_data AS json), :provider_id, :repo_id FROM b
+    ), stage_rows AS MATERIALIZED (
+      SELECT nextval(pg_get_serial_sequence('build_stages', 'id')) AS id, s.*
+      FROM unnest(CAST(:stage_names AS text[]), CAST(:stage_can_fail AS boolean[])) WITH ORDINALITY AS s(name, can_fail, n)
+    ), stages AS (
+      INSERT INTO build_stages (id, build_id, name, can_fail)
+      SELECT stage_rows.id, b.id, stage_rows.name, stage_rows.can_fail FROM b, stage_rows
+    ), job_rows AS MATERIALIZED (
+      SELECT nextval(pg_get_serial_sequence('build_jobs', 'id')) AS id, j.*
+      FROM unnest(CAST(:job_stages AS integer[]), CAST(:job_names AS text[]), CAST(:job_commands AS text[]))
+        WITH ORDINALITY AS j(stage, name, commands, n)
+    ), jobs AS (
+      INSERT INTO build_jobs (id, build_id, stage_id, name, commands, status)
+      SELECT job_rows.id, b.id, stage_rows.id, job_rows.name, job_rows.commands, CAST('queued' AS build_status)
+      FROM b, job_rows JOIN stage_rows ON stage_rows.n = job_rows.stage
     )
+    SELECT b.id, ARRAY(SELECT id FROM job_rows ORDER BY n) AS job_ids FROM b
+    """
+).bindparams(bindparam("driver_config", type_=JSON), bindparam("trigger_data", type_=JSON))
+
+
+def _insert_rows(session, manifest, user, number, namespace, objects, variables, keys, cipher, trigger) -> Created:
+    """The rows of SPEC section 2: INSERT_BUILD, then one multi-row INSERT per optional table."""
+    stages = plan_build(manifest, number).stages
+    jobs = [(n, job) for n, stage in enumerate(stages, start=1) for job in stage.jobs]
+    row = session.execute(
+        INSERT_BUILD,
+        {
+            "user_id": user.id,
+            "namespace_id": namespace.id if namespace else None,
+            "number": number,
+            "manifest": manifest.text,
+            "secret": secrets.token_hex(16),
+            "driver_type": manifest.driver_type,
+            "driver_config": dict(manifest.driver),
+            "trigger_type": trigger.type,
+            "comment": trigger.comment,
+            "trigger_data": trigger.data or {},
+            "provider_id": trigger.provider_id,
+            "repo_id": trigger.repo_id,
+            "stage_names": [s.name for s in stages],
+            "stage_can_fail": [s.can_fail for s in stages],
+            "job_stages": [n for n, _ in jobs],
+            "job_names": [job.name for _, job in jobs],
+            "job_commands": ["\n".join(job.commands) for _, job in jobs],
+        },
+    ).one()
+    build_id, job_ids = row.id, row.job_ids
     rows = [
         {"build_id": build_id, "key": v.key, "value": cipher.encrypt_text(v.value) if v.masked else v.value, "masked": v.masked}
         for v in variables
@@ -178,19 +210,6 @@ def _insert_rows(session, manifest, user, number, namespace, objects, variables,
     if rows:
         session.execute(insert(BuildObject), rows)
 
-    stages = plan_build(manifest, number).stages
-    stage_ids = session.scalars(
-        insert(BuildStage).returning(BuildStage.id, sort_by_parameter_order=True),
-        [{"build_id": build_id, "name": s.name, "can_fail": s.can_fail} for s in stages],
-    ).all()
-    jobs = [(stage_id, job) for stage_id, stage in zip(stage_ids, stages) for job in stage.jobs]
-    job_ids = session.scalars(
-        insert(BuildJob).returning(BuildJob.id, sort_by_parameter_order=True),
-        [
-            {"build_id": build_id, "stage_id": stage_id, "name": job.name, "commands": "\n".join(job.commands), "status": "queued"}
-            for stage_id, job in jobs
-        ],
-    ).all()
     rows = [
         {
             "user_id": user.id,

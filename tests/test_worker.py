@@ -341,3 +341,47 @@ def test_submit_refuses_unknown_object_and_writes_nothing(worker_env):
     assert res.returncode == 2
     assert "has no object named 'missing.bin'" in res.stderr
     assert worker_env.sql("SELECT count(*) FROM builds")[0][0] == 0
+
+
+def test_submit_writes_stages_jobs_and_artifacts_in_run_order(worker_env):
+    """Jobs listed out of stage order, same names in two stages, a stage named like the setup stage."""
+    build_id = worker_env.submit(
+        """
+driver: {type: os}
+stages: [one, "setup - #1", three]
+jobs:
+  - {stage: three, name: same, commands: ["echo 3"], artifacts: ["c.txt"]}
+  - {stage: one, name: same, commands: ["echo 1a", "echo 1b"], artifacts: ["a.txt => a-out.txt"]}
+  - {stage: "setup - #1", commands: ["echo 2"]}
+  - {stage: one, commands: ["echo 1c"], artifacts: ["b.txt"]}
+"""
+    )
+    stages = worker_env.sql("SELECT name FROM build_stages WHERE build_id = :id ORDER BY id", id=build_id)
+    assert [s for (s,) in stages] == ["setup - #1", "one", "setup - #1", "three"]
+    jobs = worker_env.sql(
+        "SELECT s.name, j.name, j.commands FROM build_jobs j JOIN build_stages s ON s.id = j.stage_id"
+        " WHERE j.build_id = :id ORDER BY j.id",
+        id=build_id,
+    )
+    assert [tuple(j) for j in jobs] == [
+        ("setup - #1", "create-driver", ""),
+        ("one", "same", "echo 1a\necho 1b"),
+        ("one", "one.1", "echo 1c"),
+        ("setup - #1", "setup-1.1", "echo 2"),
+        ("three", "same", "echo 3"),
+    ]
+    artifacts = worker_env.sql(
+        "SELECT s.name, j.commands, a.source, a.name FROM build_artifacts a JOIN build_jobs j ON j.id = a.job_id"
+        " JOIN build_stages s ON s.id = j.stage_id WHERE a.build_id = :id ORDER BY a.id",
+        id=build_id,
+    )
+    assert [tuple(a) for a in artifacts] == [
+        ("one", "echo 1a\necho 1b", "a.txt", "a-out.txt"),
+        ("one", "echo 1c", "b.txt", "b.txt"),
+        ("three", "echo 3", "c.txt", "c.txt"),
+    ]
+    (setup_stage,) = worker_env.sql(
+        "SELECT s.id FROM build_stages s JOIN build_jobs j ON j.stage_id = s.id WHERE j.name = 'create-driver' AND j.build_id = :id",
+        id=build_id,
+    )
+    assert setup_stage[0] == min(s for (s,) in worker_env.sql("SELECT id FROM build_stages WHERE build_id = :id", id=build_id))
