@@ -295,15 +295,18 @@ def _run_claimed(ctx: WorkerContext, build_id: int, lease: Lease, run: shutdown.
         if shutdown.hand_back(ctx, lease, on_reset=lambda session, b: remove_artifact_files(ctx, session, b.id)):
             raise _HandedBack()
         raise _LeaseLost()  # left running on a lease nobody renews: the reaper requeues it
-    with transaction(ctx.sessions) as session:
-        if not reporter.finish(session.connection(), status, lease):
-            log.error("build %s: lease lost before the final write; another worker owns it", build_id)
-            raise _LeaseLost()  # rolls the transaction back
+    retry_on_disconnect(ctx.sessions, lambda session: _finish(session, reporter, status, lease))
     log.info("build %s: %s", build_id, status)
     if loaded.wants_events:
         # Checked when the build was loaded: a webhook added while it ran is told from the next build on.
         notify.on_build_finished(ctx, build_id, status)
     return status
+
+
+def _finish(session, reporter: DatabaseReporter, status: Status, lease: Lease) -> None:
+    if not reporter.finish(session.connection(), status, lease):
+        log.error("build %s: lease lost before the final write; another worker owns it", lease.build_id)
+        raise _LeaseLost()  # rolls the transaction back
 
 
 def remove_artifact_files(ctx: WorkerContext, session, build_id: int) -> None:

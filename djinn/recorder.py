@@ -178,8 +178,9 @@ class DatabaseReporter(Reporter):
         another worker owns the build. The lease is checked by the UPDATE itself, which
         also locks the row until the transaction ends.
         """
-        self._write_ops(conn, self._ops)
-        self._ops = []
+        # Nothing here changes the reporter, so a caller may run it again in a new
+        # transaction when the first one failed (a lost connection).
+        sizes = self._write_ops(conn, self._ops)
         if self.objects_placed and self.has_objects:
             conn.execute(update(BuildObject).where(BuildObject.build_id == self.build_id).values(placed=True))
         params = {
@@ -187,7 +188,7 @@ class DatabaseReporter(Reporter):
             "status": status.value,
             "worker": lease.worker,
             "attempt": lease.attempt,
-            "fold": sum(self.sizes.values()) <= COLUMN_LIMIT,
+            "fold": sum(sizes.values()) <= COLUMN_LIMIT,
         }
         return conn.execute(FINISH_BUILD, params).first() is not None
 
@@ -252,10 +253,14 @@ class DatabaseReporter(Reporter):
         if not self.allowed():
             return
         with self.engine.begin() as conn:
-            self._write_ops(conn, ops)
+            sizes = self._write_ops(conn, ops)
+        self.sizes = sizes
 
-    def _write_ops(self, conn, ops: list[list[Any]]) -> None:
-        """Write a batch: all its output in one INSERT, then one UPDATE per job it touches."""
+    def _write_ops(self, conn, ops: list[list[Any]]) -> dict[int, int]:
+        """Write a batch: all its output in one INSERT, then one UPDATE per job it touches.
+
+        Returns the characters of output stored per job once the batch is committed.
+        """
         chunks: list[dict[str, Any]] = []
         changes: dict[int, dict[str, Any]] = {}  # job id -> what happened to it in this batch, in order
         sizes = dict(self.sizes)
@@ -273,7 +278,7 @@ class DatabaseReporter(Reporter):
             conn.execute(insert(_OUTPUT), chunks)
         if changes:
             conn.execute(UPDATE_JOB, [self._job_params(job_id, change, sizes) for job_id, change in changes.items()])
-        self.sizes = sizes
+        return sizes
 
     def _job_params(self, job_id: int, change: dict[str, Any], sizes: dict[int, int]) -> dict[str, Any]:
         params = {"build_id": self.build_id, "job_id": job_id, "started_at": change.get("started_at")}

@@ -95,3 +95,18 @@ def test_final_write_refused_once_another_worker_holds_the_build(worker_env, cla
         assert reporter.finish(conn, Status.PASSED, lease) is False
         conn.rollback()
     assert worker_env.sql("SELECT status, worker, output FROM builds WHERE id = :id", id=build_id) == [("running", "w2", None)]
+
+
+def test_final_write_can_be_run_again_after_a_failed_transaction(worker_env, claimed):
+    """What execute relies on to retry the final write on a new connection."""
+    build_id, lease, reporter, job, engine = claimed
+    reporter.job_output(job, b"kept\n")
+    reporter.job_finished(job, Status.FAILED, ran=True)
+    reporter.build_finished(Status.FAILED)
+    with engine.connect() as conn:
+        assert reporter.finish(conn, Status.FAILED, lease)
+        conn.rollback()  # the commit never happened
+    with engine.begin() as conn:
+        assert reporter.finish(conn, Status.FAILED, lease)
+    assert worker_env.sql("SELECT status, output FROM builds WHERE id = :id", id=build_id) == [("failed", "kept\n")]
+    assert job_row(worker_env, build_id) == ("failed", "kept\n")
