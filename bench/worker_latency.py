@@ -8,7 +8,7 @@ driver), and a bare Celery worker (concurrency 2) whose task only runs
 LISTEN djinn_build_finished; bare: its Redis result), so neither pays for polling.
 Prints the ratios; the target (issue 3) is <= 5x.
 
-    .venv/bin/python bench/worker_latency.py [--builds 20]
+    .venv/bin/python bench/worker_latency.py [--builds 40]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--builds", type=int, default=20, help="builds per measurement (default 20)")
+    parser.add_argument("--builds", type=int, default=40, help="builds per measurement (default 40)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="djinn-bench-"))

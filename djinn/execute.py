@@ -209,6 +209,7 @@ def _run_build(ctx: WorkerContext, build_id: int, run: shutdown.BuildRun) -> Sta
     if run.handed_back:
         shutdown.requeue_unclaimed(ctx, build_id)
         return None
+
     def claim_and_fetch(session) -> tuple[Lease | None, RowMapping | None]:
         lease = claim(session, build_id, ctx.name, ctx.stale_after, on_reset=lambda b: remove_artifact_files(ctx, session, b.id))
         return lease, fetch_build(session, build_id) if lease is not None else None
