@@ -97,6 +97,8 @@ class DatabaseReporter(Reporter):
     Everything the runner reports is queued and written by one thread per build,
     each batch in one transaction, so a job never waits on a database round trip
     (unless MAX_PENDING output is waiting). Writes that fail are kept and retried.
+    What is still queued when the build ends goes into the caller's final
+    transaction (`finish`): a short build costs that one write.
     """
 
     def __init__(
