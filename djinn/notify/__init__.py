@@ -20,8 +20,6 @@ import functools
 import traceback
 from typing import Any, Callable, TypeVar
 
-from sqlalchemy import text
-
 from djinn.notify.common import (
     DELIVER_WEBHOOK,
     FAILED,
@@ -60,13 +58,13 @@ def _never_raises(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-# Whether build `b` has anyone to tell about its events (a pull request or a
-# namespace webhook); most builds have neither. Also read when a build is loaded.
+# SQL: whether build `b` has anyone to tell about its events (a pull request or a
+# namespace webhook). Most builds have neither: djinn.execute reads this when it
+# loads a build and calls on_build_started / on_build_finished only when true.
 WANTS_EVENTS = """
     EXISTS (SELECT 1 FROM build_triggers t WHERE t.build_id = b.id AND t.type = 'pull')
     OR EXISTS (SELECT 1 FROM namespace_webhooks w WHERE w.namespace_id = b.namespace_id)
 """
-_ANY_EVENTS = text(f"SELECT {WANTS_EVENTS} FROM builds b WHERE b.id = :id")
 
 
 def _build_events(ctx: Any, build_id: int, event: str) -> None:
@@ -76,9 +74,6 @@ def _build_events(ctx: Any, build_id: int, event: str) -> None:
     from djinn.notify.webhooks import event_payloads
 
     with ctx.sessions() as session:
-        # Most builds have neither a pull request nor a webhook: find that out in one query.
-        if not session.execute(_ANY_EVENTS, {"id": build_id}).scalar():
-            return
         build = session.get(Build, build_id)
         if build is None:
             return
