@@ -265,7 +265,7 @@ def _run_claimed(ctx: WorkerContext, build_id: int, lease: Lease, run: shutdown.
 
     heartbeat: Heartbeat | None = None
     allowed = lambda: heartbeat is None or not heartbeat.lost  # noqa: E731
-    reporter = DatabaseReporter(ctx.engine, build_id, loaded.job_ids, allowed, has_objects=bool(loaded.plan.objects))
+    reporter = DatabaseReporter(ctx.engine, build_id, loaded.job_ids, allowed)
     interrupts = Interrupts()
     runner = Runner(
         loaded.plan,

@@ -21,7 +21,7 @@ from sqlalchemy import Engine, func, insert, select, text, update
 
 from djinn.errors import DjinnError
 from djinn.lease import Lease
-from djinn.models import Build, BuildArtifact, BuildJobOutput, BuildObject
+from djinn.models import Build, BuildArtifact, BuildJobOutput
 from djinn.plan import CREATE_DRIVER, JobPlan
 from djinn.runner import Reporter
 from djinn.status import Status
@@ -74,10 +74,12 @@ UPDATE_JOB = text(
 # The build's final row, only while the lease holds (the caller rolls back when no
 # row comes back). The chunks are folded into `output` and deleted in the same
 # statement: every part of it reads the snapshot from before the DELETE. The
-# NOTIFY is delivered when the transaction commits.
+# build's objects are marked placed when the driver got them. The NOTIFY is
+# delivered when the transaction commits.
 FINISH_BUILD = text(
     f"""
-    WITH folded AS (DELETE FROM build_job_output WHERE build_id = :id AND :fold)
+    WITH folded AS (DELETE FROM build_job_output WHERE build_id = :id AND :fold),
+      placed AS (UPDATE build_objects SET placed = true WHERE build_id = :id AND :objects_placed)
     UPDATE builds SET
       status = :status,
       finished_at = now(),
@@ -107,10 +109,8 @@ class DatabaseReporter(Reporter):
         build_id: int,
         job_ids: dict[int, int],
         allowed: Callable[[], bool] = lambda: True,
-        has_objects: bool = True,
     ) -> None:
         self.engine = engine
-        self.has_objects = has_objects
         self.build_id = build_id
         self.job_ids = job_ids
         self.allowed = allowed
@@ -183,14 +183,13 @@ class DatabaseReporter(Reporter):
         # Nothing here changes the reporter, so a caller may run it again in a new
         # transaction when the first one failed (a lost connection).
         sizes = self._write_ops(conn, self._ops)
-        if self.objects_placed and self.has_objects:
-            conn.execute(update(BuildObject).where(BuildObject.build_id == self.build_id).values(placed=True))
         params = {
             "id": self.build_id,
             "status": status.value,
             "worker": lease.worker,
             "attempt": lease.attempt,
             "fold": sum(sizes.values()) <= COLUMN_LIMIT,
+            "objects_placed": self.objects_placed,
         }
         return conn.execute(FINISH_BUILD, params).first() is not None
 
