@@ -40,12 +40,6 @@ class Submitted:
 
 
 @dataclass(frozen=True)
-class Created:
-    id: int
-    number: int
-
-
-@dataclass(frozen=True)
 class Trigger:
     type: str = "manual"
     comment: str = ""
@@ -110,8 +104,8 @@ def create_build(
     keys: Iterable[Key] = (),
     cipher: Cipher | None = None,
     trigger: Trigger | None = None,
-) -> Created:
-    """Write the build and everything it needs, in `session`'s transaction."""
+) -> Submitted:
+    """Write the build and everything it needs, in `session`'s transaction (queueing it is the caller's)."""
     # The caller holds the user row's lock (get_or_create_user), so the number is ours.
     number = (session.scalar(select(func.max(Build.number)).where(Build.user_id == user.id)) or 0) + 1
     variables = [Variable(k, v) for k, v in manifest.env] + list(variables)
@@ -167,7 +161,7 @@ INSERT_BUILD = text(
 ).bindparams(bindparam("driver_config", type_=JSON), bindparam("trigger_data", type_=JSON))
 
 
-def _insert_rows(session, manifest, user, number, namespace, objects, variables, keys, cipher, trigger) -> Created:
+def _insert_rows(session, manifest, user, number, namespace, objects, variables, keys, cipher, trigger) -> Submitted:
     """The rows of SPEC section 2: INSERT_BUILD, then one multi-row INSERT per optional table."""
     stages = plan_build(manifest, number).stages
     jobs = [(n, job) for n, stage in enumerate(stages, start=1) for job in stage.jobs]
@@ -224,7 +218,7 @@ def _insert_rows(session, manifest, user, number, namespace, objects, variables,
     ]
     if rows:
         session.execute(insert(BuildArtifact), rows)
-    return Created(build_id, number)
+    return Submitted(build_id, number, queue_for(manifest.driver_type, manifest.driver))
 
 
 def submit(
@@ -242,17 +236,15 @@ def submit(
 ) -> Submitted:
     """Validate, write and queue a build. Invalid input raises before anything is written."""
     manifest = parse_manifest(manifest_text, manifest_path)
-    queue = queue_for(manifest.driver_type, manifest.driver)
     with transaction(sessions) as session:
         user = get_or_create_user(session, username, email)
-        build = create_build(session, manifest, user, variables=variables, keys=keys, cipher=cipher, trigger=trigger)
-        submitted = Submitted(build.id, build.number, queue)
+        submitted = create_build(session, manifest, user, variables=variables, keys=keys, cipher=cipher, trigger=trigger)
     try:
-        enqueue(submitted.id, queue)
+        enqueue(submitted.id, submitted.queue)
     except Exception as exc:
         # Queued only once committed, so a worker never sees a build it cannot read;
         # when the broker refuses, the build is taken back rather than left queued forever.
         with transaction(sessions) as session:
             session.execute(delete(Build).where(Build.id == submitted.id))
-        raise SubmitError(f"cannot queue the build on {queue}: {exc}") from None
+        raise SubmitError(f"cannot queue the build on {submitted.queue}: {exc}") from None
     return submitted
