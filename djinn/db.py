@@ -53,7 +53,9 @@ def make_engine(settings: DatabaseSettings, **kwargs) -> Engine:
     falls within that moment.
     """
     kwargs.setdefault("pool_size", 4)
-    kwargs.setdefault("connect_args", {"connect_timeout": 5})
+    # The server's TIMESTAMP columns hold UTC wall-clock time: now() and the times the
+    # worker writes must be UTC whatever the server's or the machine's time zone.
+    kwargs.setdefault("connect_args", {"connect_timeout": 5, "options": "-c timezone=UTC"})
     # Many-row UPDATEs in one round trip (psycopg2's execute_batch); no caller reads their rowcount.
     kwargs.setdefault("executemany_mode", "values_plus_batch")
     engine = create_engine(database_url(settings), **kwargs)

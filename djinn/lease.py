@@ -31,7 +31,7 @@ class Lease:
 
 
 def _stale(session: Session, heartbeat_at: dt.datetime | None, stale_after: dt.timedelta) -> bool:
-    now = session.scalar(select(func.now()))
+    now = session.scalar(select(func.localtimestamp()))  # TIMESTAMP without time zone, like heartbeat_at
     return heartbeat_at is None or heartbeat_at < now - stale_after
 
 

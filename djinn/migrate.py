@@ -1,4 +1,8 @@
-"""Creating and upgrading the schema with the Alembic migrations shipped in djinn/migrations."""
+"""Creating and upgrading the schema with the Alembic migrations shipped in djinn/migrations.
+
+On a Djinn server's database the migrations only add what the worker needs; on an
+empty one they create the server's tables first (see the revisions' docstrings).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,17 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from djinn.errors import DjinnError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+# PostgreSQL's SQLSTATE for "permission denied" (insufficient_privilege).
+INSUFFICIENT_PRIVILEGE = "42501"
+
+
+class MigrateError(DjinnError):
+    """The schema could not be changed; nothing was changed."""
 
 
 def alembic_config() -> Config:
@@ -20,13 +33,26 @@ def alembic_config() -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
-    """Bring the schema to `revision`; idempotent. Returns (revision before, revision after)."""
+    """Bring the schema to `revision`, in one transaction; idempotent. Returns (revision before, revision after).
+
+    A role that may not change the schema (the server gives its worker role none)
+    gets a MigrateError saying so, and the transaction is rolled back.
+    """
     config = alembic_config()
-    with engine.begin() as connection:
-        before = MigrationContext.configure(connection).get_current_revision()
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
-        after = MigrationContext.configure(connection).get_current_revision()
+    try:
+        with engine.begin() as connection:
+            before = MigrationContext.configure(connection).get_current_revision()
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+            after = MigrationContext.configure(connection).get_current_revision()
+    except DBAPIError as exc:
+        if getattr(exc.orig, "pgcode", None) != INSUFFICIENT_PRIVILEGE:
+            raise
+        role, database = engine.url.username or "(default)", engine.url.database
+        raise MigrateError(
+            f"migrate: role {role} may not change the schema of database {database}: "
+            "run migrate as the database owner or an admin role"
+        ) from None
     return before, after
 
 

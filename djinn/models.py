@@ -1,8 +1,15 @@
-"""The database tables the worker reads and writes (SPEC section 8).
+"""The database tables the worker reads and writes (SPEC sections 8 and 11).
 
-Table and column names follow upstream djinn so operators and tools recognise
-them; the worker adds the lease columns on `builds` and the `build_job_output`
-table that holds output while a job runs.
+The tables are the Djinn server's own (its `revisions/schema`), with the
+server's types: the `status`, `driver_type`, `trigger_type` and `visibility`
+enums, TIMESTAMP without time zone (UTC wall-clock: djinn.db sets the session
+time zone), VARCHAR and BYTEA where the server has them. The worker adds only
+nullable or defaulted columns to them (the lease on `builds`) and tables of its
+own (`build_job_output`, `build_notifications`), so the Go server keeps working
+on a database this worker migrated, and the other way round.
+
+Only the tables the worker touches are mapped here; djinn/migrations creates
+all of the server's tables on an empty database.
 """
 
 from __future__ import annotations
@@ -23,19 +30,21 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
-    UniqueConstraint,
     func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from djinn.status import Status
 
-STATUS = Enum(
-    *[s.value for s in Status],
-    name="build_status",
-)
-DRIVER_TYPE = Enum("docker", "qemu", "ssh", "os", name="driver_type")
-TRIGGER_TYPE = Enum("manual", "push", "pull", "schedule", name="trigger_type")
+# The server's enum types. They exist before the models are used (the migrations
+# create them), so SQLAlchemy never creates or drops them itself.
+STATUS = Enum(*[s.value for s in Status], name="status", create_type=False)
+DRIVER_TYPE = Enum("ssh", "qemu", "docker", "os", name="driver_type", create_type=False)
+TRIGGER_TYPE = Enum("manual", "push", "pull", "schedule", name="trigger_type", create_type=False)
+VISIBILITY = Enum("private", "internal", "public", name="visibility", create_type=False)
+
+#: Timestamps are TIMESTAMP without time zone, as the server stores them.
+TIMESTAMP = DateTime(timezone=False)
 
 
 def _now() -> Any:
@@ -46,9 +55,9 @@ class Base(DeclarativeBase):
     metadata = MetaData(
         naming_convention={
             "ix": "ix_%(table_name)s_%(column_0_name)s",
-            "uq": "uq_%(table_name)s_%(column_0_name)s",
-            "fk": "fk_%(table_name)s_%(column_0_name)s",
-            "pk": "pk_%(table_name)s",
+            "uq": "%(table_name)s_%(column_0_name)s_key",
+            "fk": "%(table_name)s_%(column_0_name)s_fkey",
+            "pk": "%(table_name)s_pkey",
         }
     )
 
@@ -57,25 +66,32 @@ class User(Base):
     __tablename__ = "users"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    email: Mapped[Optional[str]] = mapped_column(String(255))
-    username: Mapped[str] = mapped_column(String(64), unique=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    email: Mapped[str] = mapped_column(String, unique=True)
+    username: Mapped[str] = mapped_column(String, unique=True)
+    # The server's bcrypt hash; b"" (no password can match) for owners `submit` creates.
+    password: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    verified: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    # Bytes of artifacts kept per user before the server's curator removes old ones.
+    cleanup: Mapped[int] = mapped_column(BigInteger, default=1073741824, server_default="1073741824")
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+    updated_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+    deleted_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP)
 
 
 class Namespace(Base):
     __tablename__ = "namespaces"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    root_id: Mapped[Optional[int]] = mapped_column(ForeignKey("namespaces.id", ondelete="CASCADE"))
-    parent_id: Mapped[Optional[int]] = mapped_column(ForeignKey("namespaces.id", ondelete="CASCADE"))
-    name: Mapped[str] = mapped_column(String(32))
-    path: Mapped[str] = mapped_column(Text)
-    description: Mapped[Optional[str]] = mapped_column(Text)
-    visibility: Mapped[str] = mapped_column(String(16), default="private")
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-
-    __table_args__ = (UniqueConstraint("user_id", "path"),)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    root_id: Mapped[Optional[int]] = mapped_column(Integer)
+    parent_id: Mapped[Optional[int]] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String)
+    path: Mapped[str] = mapped_column(String)
+    description: Mapped[Optional[str]] = mapped_column(String)
+    # Depth in the tree: 1 for a root namespace.
+    level: Mapped[int] = mapped_column(Integer)
+    visibility: Mapped[Optional[str]] = mapped_column(VISIBILITY, default="private", server_default="private")
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
 
 
 class NamespaceCollaborator(Base):
@@ -84,49 +100,63 @@ class NamespaceCollaborator(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id", ondelete="CASCADE"))
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+
+
+class Image(Base):
+    """A user's own qemu disk, at `<disks>/<user_id>/qemu/<hash>`."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    author_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    namespace_id: Mapped[Optional[int]] = mapped_column(ForeignKey("namespaces.id", ondelete="SET NULL"))
+    driver: Mapped[str] = mapped_column(DRIVER_TYPE)
+    hash: Mapped[str] = mapped_column(String, unique=True)
+    name: Mapped[str] = mapped_column(String)
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
 
 
 class Object(Base):
-    """A file a user uploaded; a manifest's `objects` name these."""
+    """A file a user uploaded, at `<objects>/<user_id>/<hash>`; a manifest's `objects` name these."""
 
     __tablename__ = "objects"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    author_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     namespace_id: Mapped[Optional[int]] = mapped_column(ForeignKey("namespaces.id", ondelete="SET NULL"))
-    hash: Mapped[str] = mapped_column(String(64))
-    name: Mapped[str] = mapped_column(String(64))
-    type: Mapped[str] = mapped_column(String(128), default="application/octet-stream")
+    hash: Mapped[str] = mapped_column(String, unique=True)
+    name: Mapped[str] = mapped_column(String)
+    type: Mapped[str] = mapped_column(String)
     size: Mapped[int] = mapped_column(BigInteger)
-    md5: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
-    sha256: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-    deleted_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True))
-
-    __table_args__ = (UniqueConstraint("user_id", "name"),)
+    md5: Mapped[bytes] = mapped_column(LargeBinary)
+    sha256: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+    deleted_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP)
 
 
 class Build(Base):
     __tablename__ = "builds"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     namespace_id: Mapped[Optional[int]] = mapped_column(ForeignKey("namespaces.id", ondelete="SET NULL"))
     number: Mapped[int] = mapped_column(Integer)
     manifest: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(STATUS, default=Status.QUEUED.value, server_default=Status.QUEUED.value)
+    status: Mapped[Optional[str]] = mapped_column(STATUS, default=Status.QUEUED.value, server_default=Status.QUEUED.value)
     output: Mapped[Optional[str]] = mapped_column(Text)
-    secret: Mapped[Optional[str]] = mapped_column(String(64))
-    pinned: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-    started_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True))
-    # The lease (SPEC section 5): which worker runs the build, how often it was
-    # started, and when that worker last proved it is alive.
+    secret: Mapped[Optional[str]] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+    started_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP)
+    finished_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP)
+    pinned: Mapped[Optional[bool]] = mapped_column(Boolean, default=False, server_default="false")
+    # The worker's lease (SPEC section 5), added by migration 0002: which worker runs
+    # the build, how often it was started, and when that worker last proved it is alive.
     attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    worker: Mapped[Optional[str]] = mapped_column(String(255))
-    heartbeat_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True))
+    worker: Mapped[Optional[str]] = mapped_column(String)
+    heartbeat_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP)
     # Why the worker ended the build itself (abandoned after too many attempts, ...).
     error: Mapped[Optional[str]] = mapped_column(Text)
 
@@ -141,17 +171,19 @@ class Build(Base):
     trigger: Mapped[Optional[BuildTrigger]] = relationship(uselist=False)
     user: Mapped[User] = relationship()
 
-    __table_args__ = (UniqueConstraint("user_id", "number"), Index("ix_builds_status", "status"))
+    __table_args__ = (Index("ix_builds_status", "status"),)
 
 
 class BuildStage(Base):
+    """A stage of a build; the server keeps no status or times for stages."""
+
     __tablename__ = "build_stages"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
-    name: Mapped[str] = mapped_column(Text)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String)
     can_fail: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    created_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP, server_default=_now())
 
     build: Mapped[Build] = relationship(back_populates="stages")
     jobs: Mapped[list[BuildJob]] = relationship(back_populates="stage", order_by="BuildJob.id")
@@ -161,15 +193,15 @@ class BuildJob(Base):
     __tablename__ = "build_jobs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"))
     stage_id: Mapped[int] = mapped_column(ForeignKey("build_stages.id", ondelete="CASCADE"))
-    name: Mapped[str] = mapped_column(Text)
-    commands: Mapped[str] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(String)
+    commands: Mapped[str] = mapped_column(String)
     output: Mapped[Optional[str]] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(STATUS, default=Status.QUEUED.value, server_default=Status.QUEUED.value)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-    started_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True))
+    status: Mapped[Optional[str]] = mapped_column(STATUS, default=Status.QUEUED.value, server_default=Status.QUEUED.value)
+    created_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP, server_default=_now())
+    started_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP)
+    finished_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP)
 
     build: Mapped[Build] = relationship(back_populates="jobs")
     stage: Mapped[BuildStage] = relationship(back_populates="jobs")
@@ -177,7 +209,7 @@ class BuildJob(Base):
 
 
 class BuildJobOutput(Base):
-    """Output chunks appended while a job runs, so storing output stays linear.
+    """Output chunks appended while a job runs, so storing output stays linear (the worker's table).
 
     Appending to `build_jobs.output` itself would rewrite the whole value on every
     chunk. Chunks are folded into the job and build rows when the build ends.
@@ -194,66 +226,72 @@ class BuildJobOutput(Base):
 
 
 class BuildArtifact(Base):
+    """A file a job leaves; stored at `<artifacts>/<user_id>/<hash>` (hash: a hashid, djinn.crypto)."""
+
     __tablename__ = "build_artifacts"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
-    job_id: Mapped[int] = mapped_column(ForeignKey("build_jobs.id", ondelete="CASCADE"))
-    hash: Mapped[str] = mapped_column(String(64))
-    source: Mapped[str] = mapped_column(Text)
-    name: Mapped[str] = mapped_column(Text)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"))
+    job_id: Mapped[int] = mapped_column(ForeignKey("build_jobs.id"))
+    hash: Mapped[str] = mapped_column(String, unique=True)
+    # The path in the build environment, and the name it is stored and shown under.
+    source: Mapped[str] = mapped_column(String)
+    name: Mapped[str] = mapped_column(String)
     size: Mapped[Optional[int]] = mapped_column(BigInteger)
     md5: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
     sha256: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-    deleted_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+    deleted_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP)
 
     job: Mapped[BuildJob] = relationship(back_populates="artifacts")
 
 
 class BuildObject(Base):
+    """An object a build needs. As the server writes it: `name` is the object's name and
+    `source` the destination path in the build environment."""
+
     __tablename__ = "build_objects"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"))
     object_id: Mapped[Optional[int]] = mapped_column(ForeignKey("objects.id", ondelete="SET NULL"))
-    source: Mapped[str] = mapped_column(Text)
-    name: Mapped[str] = mapped_column(Text)
-    placed: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    source: Mapped[str] = mapped_column(String)
+    name: Mapped[str] = mapped_column(String)
+    placed: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
 
 
 class BuildVariable(Base):
     __tablename__ = "build_variables"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"))
     variable_id: Mapped[Optional[int]] = mapped_column(Integer)
-    key: Mapped[str] = mapped_column(Text)
-    # Encrypted (base64 AES-GCM, see djinn.crypto) when masked.
-    value: Mapped[str] = mapped_column(Text)
-    masked: Mapped[bool] = mapped_column(Boolean, default=False)
+    key: Mapped[str] = mapped_column(String)
+    # Standard base64 of the AES-GCM ciphertext (djinn.crypto) when masked.
+    value: Mapped[str] = mapped_column(String)
+    masked: Mapped[Optional[bool]] = mapped_column(Boolean, default=False, server_default="false")
 
 
 class BuildKey(Base):
     __tablename__ = "build_keys"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"))
     key_id: Mapped[Optional[int]] = mapped_column(Integer)
-    name: Mapped[str] = mapped_column(Text)
-    # Encrypted key material (AES-GCM, see djinn.crypto).
+    name: Mapped[str] = mapped_column(String)
+    # The AES-GCM ciphertext of the key material, raw bytes (djinn.crypto).
     key: Mapped[bytes] = mapped_column(LargeBinary)
     config: Mapped[str] = mapped_column(Text, default="")
-    location: Mapped[str] = mapped_column(Text)
+    location: Mapped[str] = mapped_column(String)
 
 
 class BuildDriver(Base):
     __tablename__ = "build_drivers"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), unique=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"))
     type: Mapped[str] = mapped_column(DRIVER_TYPE)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
 
@@ -264,23 +302,23 @@ class BuildTrigger(Base):
     __tablename__ = "build_triggers"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), unique=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"))
     provider_id: Mapped[Optional[int]] = mapped_column(Integer)
     repo_id: Mapped[Optional[int]] = mapped_column(Integer)
     type: Mapped[str] = mapped_column(TRIGGER_TYPE, default="manual")
     comment: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
 
 
 class BuildTag(Base):
     __tablename__ = "build_tags"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
-    name: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String)
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
 
 
 # The notification tables live in their own module; imported here so they share the metadata.

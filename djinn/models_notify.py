@@ -1,25 +1,24 @@
-"""Tables for telling people about builds: providers, repositories, namespace webhooks, mail markers.
+"""Tables for telling people about builds: providers, repositories, namespace webhooks and deliveries.
 
-Names follow upstream djinn (`providers`, `provider_repos`, `namespace_webhooks`,
-`namespace_webhook_deliveries`) so a Djinn server and this worker can share one
-database. `build_notifications` is ours: one row per build and kind of
+These are the Djinn server's tables (`providers`, `provider_repos`,
+`namespace_webhooks`, `namespace_webhook_deliveries`), mapped with the server's
+types. `build_notifications` is the worker's own: one row per build and kind of
 notification, the marker that makes the failure mail go out exactly once
 (djinn.notify.mail explains the states).
 
-Secrets (provider tokens, webhook secrets) are stored encrypted with the worker
-config's crypto block (djinn.crypto), as upstream encrypts them with its own.
+Secrets (provider tokens, webhook secrets) are AES-GCM ciphertext made with the
+crypto block the server and the worker share (djinn.crypto).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from typing import Optional
 
-from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, Uuid
+from sqlalchemy import Boolean, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from djinn.models import Base, _now
+from djinn.models import TIMESTAMP, Base, _now
 
 
 class Provider(Base):
@@ -28,15 +27,15 @@ class Provider(Base):
     __tablename__ = "providers"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    provider_user_id: Mapped[Optional[int]] = mapped_column(BigInteger)
-    name: Mapped[str] = mapped_column(String(32))  # github or gitlab
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    provider_user_id: Mapped[Optional[int]] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String)  # github or gitlab
     # Encrypted (djinn.crypto Cipher.encrypt) OAuth tokens.
     access_token: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
     refresh_token: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
     connected: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     main_account: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
-    expires_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP)
 
 
 class ProviderRepo(Base):
@@ -45,16 +44,16 @@ class ProviderRepo(Base):
     __tablename__ = "provider_repos"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    provider_id: Mapped[int] = mapped_column(ForeignKey("providers.id", ondelete="CASCADE"))
-    hook_id: Mapped[Optional[int]] = mapped_column(BigInteger)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    provider_id: Mapped[int] = mapped_column(ForeignKey("providers.id"))
+    hook_id: Mapped[Optional[int]] = mapped_column(Integer)
     # The provider's own id of the repository (GitLab's project id).
-    repo_id: Mapped[int] = mapped_column(BigInteger)
-    provider_name: Mapped[str] = mapped_column(String(32))
+    repo_id: Mapped[int] = mapped_column(Integer)
+    provider_name: Mapped[str] = mapped_column(String)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default="true")
     # owner/name, as GitHub's API paths want it.
-    name: Mapped[Optional[str]] = mapped_column(Text)
-    href: Mapped[Optional[str]] = mapped_column(Text)
+    name: Mapped[Optional[str]] = mapped_column(String)
+    href: Mapped[Optional[str]] = mapped_column(String)
 
 
 class NamespaceWebhook(Base):
@@ -63,38 +62,41 @@ class NamespaceWebhook(Base):
     __tablename__ = "namespace_webhooks"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    author_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id", ondelete="CASCADE"), index=True)
-    payload_url: Mapped[str] = mapped_column(Text)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    author_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id"))
+    payload_url: Mapped[str] = mapped_column(String)
     # Encrypted HMAC key; None: deliveries are not signed.
     secret: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
     # Verify the TLS certificate of an https payload URL.
-    ssl: Mapped[bool] = mapped_column(Boolean, default=True, server_default="true")
+    ssl: Mapped[bool] = mapped_column(Boolean, default=True)
     events: Mapped[int] = mapped_column(Integer)
     active: Mapped[bool] = mapped_column(Boolean, default=True, server_default="true")
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
 
 
 class NamespaceWebhookDelivery(Base):
-    """One attempt at delivering an event to a webhook, with what came back."""
+    """One attempt at delivering an event to a webhook, with what came back.
+
+    Every attempt at delivering one event shares its `event_id` (16 random bytes);
+    the primary key is (id, event_id), as the server has it.
+    """
 
     __tablename__ = "namespace_webhook_deliveries"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     webhook_id: Mapped[int] = mapped_column(ForeignKey("namespace_webhooks.id", ondelete="CASCADE"))
-    # Every attempt at delivering one event shares its event_id.
-    event_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    event_id: Mapped[bytes] = mapped_column(LargeBinary, primary_key=True)
+    error: Mapped[Optional[str]] = mapped_column(String)
     event: Mapped[int] = mapped_column(Integer)
-    error: Mapped[Optional[str]] = mapped_column(Text)
     redelivery: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
-    request_headers: Mapped[Optional[str]] = mapped_column(Text)
-    request_body: Mapped[Optional[str]] = mapped_column(Text)
+    request_headers: Mapped[Optional[str]] = mapped_column(String)
+    request_body: Mapped[Optional[str]] = mapped_column(String)
     response_code: Mapped[Optional[int]] = mapped_column(Integer)
-    response_headers: Mapped[Optional[str]] = mapped_column(Text)
-    response_body: Mapped[Optional[str]] = mapped_column(Text)
+    response_headers: Mapped[Optional[str]] = mapped_column(String)
+    response_body: Mapped[Optional[str]] = mapped_column(String)
     duration: Mapped[int] = mapped_column(Integer, default=0)  # milliseconds
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
 
     __table_args__ = (Index("ix_namespace_webhook_deliveries_webhook_id_event_id", "webhook_id", "event_id"),)
 
@@ -115,9 +117,9 @@ class BuildNotification(Base):
     state: Mapped[str] = mapped_column(String(32), default="pending", server_default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[Optional[str]] = mapped_column(Text)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-    sent_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+    updated_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+    sent_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP)
 
     __table_args__ = (
         UniqueConstraint("build_id", "kind"),

@@ -44,6 +44,8 @@ class DeliveryFailed(Exception):
 def _time(value: dt.datetime | None) -> str | None:
     if value is None:
         return None
+    if value.tzinfo is None:  # the server's TIMESTAMP columns hold UTC wall-clock time
+        value = value.replace(tzinfo=dt.timezone.utc)
     return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -175,7 +177,7 @@ def _record(
         session.add(
             NamespaceWebhookDelivery(
                 webhook_id=webhook_id,
-                event_id=uuid.UUID(event_id),
+                event_id=uuid.UUID(event_id).bytes,  # the server's BYTEA event id
                 event=EVENTS[event],
                 error=response.error,
                 redelivery=redelivery,
