@@ -17,8 +17,10 @@ from sqlalchemy import RowMapping, select, text
 
 from djinn import logs, metrics, notify, shutdown
 from djinn.context import WorkerContext
+from djinn.crypto import hasher
 from djinn.db import retry_on_disconnect, transaction
 from djinn.drivers import make_driver
+from djinn.drivers.qemu import user_image_path
 from djinn.errors import DjinnError
 from djinn.kill import KillListener
 from djinn.lease import Lease, abandon, beat, claim
@@ -51,6 +53,8 @@ class LoadedBuild:
     objects: dict[str, tuple[int, str]] = field(default_factory=dict)
     #: Whether anyone wants the build's start and finish events (statuses, webhooks).
     wants_events: bool = False
+    #: The user's own qemu image the manifest names, (user id, hash) of its `images` row.
+    image: tuple[int, str] | None = None
 
 
 class BuildObjects:
@@ -80,6 +84,10 @@ LOAD_BUILD = text(
          FROM build_artifacts a WHERE a.build_id = b.id) AS artifacts,
       (SELECT json_agg(json_build_object('source', o.source, 'name', o.name, 'user_id', ob.user_id, 'hash', ob.hash) ORDER BY o.id)
          FROM build_objects o LEFT JOIN objects ob ON ob.id = o.object_id WHERE o.build_id = b.id) AS objects,
+      (SELECT json_build_object('user_id', i.user_id, 'hash', i.hash) FROM images i
+         WHERE d.type = 'qemu' AND i.driver = 'qemu' AND i.name = d.config->>'image'
+           AND CASE WHEN b.namespace_id IS NULL THEN i.user_id = b.user_id ELSE i.namespace_id = b.namespace_id END
+         ORDER BY i.id LIMIT 1) AS image,
       (SELECT json_agg(json_build_object('key', v.key, 'value', v.value, 'masked', v.masked) ORDER BY v.id)
          FROM build_variables v WHERE v.build_id = b.id) AS variables,
       (SELECT json_agg(json_build_object('name', k.name, 'key', encode(k.key, 'base64'), 'config', k.config) ORDER BY k.id)
@@ -117,9 +125,10 @@ def decode_build(ctx: WorkerContext, row: RowMapping) -> LoadedBuild:
             job_ids[id(plan_job)] = job["id"]
             jobs.append(plan_job)
         stages.append(StagePlan(stage["name"], stage["can_fail"], tuple(jobs)))
+    # As the server writes build_objects: `name` is the object's name, `source` where it goes.
     build_objects = row["objects"] or []
-    objects = {o["source"]: (o["user_id"], o["hash"]) for o in build_objects if o["hash"] is not None}
-    plan = BuildPlan(stages=tuple(stages), objects=tuple(Passthrough(o["source"], o["name"]) for o in build_objects))
+    objects = {o["name"]: (o["user_id"], o["hash"]) for o in build_objects if o["hash"] is not None}
+    plan = BuildPlan(stages=tuple(stages), objects=tuple(Passthrough(o["name"], o["source"]) for o in build_objects))
 
     variables = []
     for var in row["variables"] or []:
@@ -147,6 +156,7 @@ def decode_build(ctx: WorkerContext, row: RowMapping) -> LoadedBuild:
         keys=keys,
         objects=objects,
         wants_events=bool(row["wants_events"]),
+        image=(row["image"]["user_id"], row["image"]["hash"]) if row["image"] else None,
     )
 
 
@@ -256,6 +266,9 @@ def _run_claimed(ctx: WorkerContext, build_id: int, lease: Lease, run: shutdown.
             "build_id": str(build_id),
             "worker": ctx.name,
         }
+        # A user's own image comes before the shared `_base` ones, as on the Go worker;
+        # the setting is the worker's alone, whatever the manifest's driver block says.
+        settings["user_image"] = user_image_path(settings.get("disks"), *loaded.image) if loaded.image else None
         driver = make_driver(loaded.driver_type, settings)
     except DjinnError as exc:
         with transaction(ctx.sessions) as session:
@@ -273,7 +286,7 @@ def _run_claimed(ctx: WorkerContext, build_id: int, lease: Lease, run: shutdown.
         variables=loaded.variables,
         keys=loaded.keys,
         objects=BuildObjects(ctx.objects, loaded.objects),
-        artifacts=BuildArtifacts(ctx.engine, build_id, loaded.user_id, loaded.job_ids, ctx.artifacts),
+        artifacts=BuildArtifacts(ctx.engine, build_id, loaded.user_id, loaded.job_ids, ctx.artifacts, hasher(ctx.config.crypto)),
         reporter=metrics.ObservingReporter(reporter, build_id, ctx.config.driver),
         timeout=ctx.config.timeout.total_seconds(),
     )

@@ -63,9 +63,10 @@ def slugify(name: str) -> str:
 
 
 def clone_commands(source: Source) -> tuple[str, ...]:
+    """The server's clone job commands (without a ref it adds a bare `git checkout`, a no-op left out here)."""
     commands = [f"mkdir -p {source.dir}", f"git clone -q {source.url} {source.dir}", f"cd {source.dir}"]
     if source.ref:
-        commands.append(f"git checkout -q {source.ref}")
+        commands.append(f"git checkout {source.ref}")
     return tuple(commands)
 
 
@@ -73,7 +74,7 @@ def plan_build(manifest: Manifest, number: int | None = None) -> BuildPlan:
     """Lay out the setup stage and the manifest's stages and jobs, in run order."""
     setup_name = setup_stage_name(number)
     setup_jobs = [JobPlan(setup_name, CREATE_DRIVER, ())]
-    for i, source in enumerate(manifest.sources, start=1):
+    for i, source in enumerate(manifest.sources):  # clone.0, clone.1, ... as the server numbers them
         setup_jobs.append(JobPlan(setup_name, f"clone.{i}", clone_commands(source)))
 
     by_stage: dict[str, list[JobPlan]] = {name: [] for name in manifest.stages}

@@ -12,13 +12,13 @@ from __future__ import annotations
 import codecs
 import datetime as dt
 import logging
-import secrets
 import threading
 import time
 from typing import Any, BinaryIO, Callable, Iterator
 
 from sqlalchemy import Engine, func, insert, select, text, update
 
+from djinn.crypto import Hasher, hasher
 from djinn.errors import DjinnError
 from djinn.lease import Lease
 from djinn.models import Build, BuildArtifact, BuildJobOutput
@@ -293,7 +293,10 @@ class DatabaseReporter(Reporter):
 class BuildArtifacts:
     """The runner's ArtifactStore for one build: files in the artifact store, rows in build_artifacts."""
 
-    def __init__(self, engine: Engine, build_id: int, user_id: int, job_ids: dict[int, int], files: FileStore) -> None:
+    def __init__(
+        self, engine: Engine, build_id: int, user_id: int, job_ids: dict[int, int], files: FileStore, hashes: Hasher | None = None
+    ) -> None:
+        self.hashes = hashes or hasher(None)
         self.engine = engine
         self.build_id = build_id
         self.user_id = user_id
@@ -307,7 +310,7 @@ class BuildArtifacts:
                 select(BuildArtifact.id, BuildArtifact.hash).where(BuildArtifact.job_id == job_id, BuildArtifact.name == name)
             ).first()
             if row is None:
-                hash_ = secrets.token_hex(16)
+                hash_ = self.hashes.hash_now()  # an artifact the server did not list: named the server's way
                 artifact_id = conn.execute(
                     insert(BuildArtifact)
                     .values(user_id=self.user_id, build_id=self.build_id, job_id=job_id, hash=hash_, source=name, name=name)

@@ -1,4 +1,12 @@
-"""Submitting a manifest: every row of SPEC section 2 in one transaction, then the build is queued."""
+"""Submitting a manifest: the rows the Djinn server writes for a build, in one transaction, then the build is queued.
+
+The rows are those of the server's build.Store Create and Submit: the build and its
+trigger; the driver (qemu with its arch); the owner's stored variables and keys
+(namespace-wide or the owner's own, still encrypted) then the manifest's `env`;
+the objects (`name` the object's name, `source` the destination path); the setup
+stage `setup - #<number>` with `create-driver` and `clone.0`, `clone.1`, ...; the
+manifest's stages and jobs; and an artifact row, with a hashid hash, per artifact.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,7 @@ from sqlalchemy import JSON, bindparam, delete, func, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from djinn.config import queue_for_driver
-from djinn.crypto import Cipher
+from djinn.crypto import Cipher, Hasher, hasher
 from djinn.db import transaction
 from djinn.errors import DjinnError
 from djinn.manifest import Manifest, parse_manifest
@@ -24,6 +32,10 @@ from djinn.models import (
     Object,
     User,
 )
+
+#: Owners `submit` creates without an address get one in this reserved domain (the
+#: server wants a unique address per user); no mail is sent to it (djinn.notify.mail).
+NO_MAIL_DOMAIN = "no-mail.invalid"
 from djinn.plan import plan_build
 from djinn.runner import Key, Variable
 
@@ -56,10 +68,14 @@ def queue_for(driver_type: str, driver: dict[str, str]) -> str:
 
 
 def get_or_create_user(session: Session, username: str, email: str | None = None) -> User:
-    """The user named `username`, locked so two submissions cannot take the same build number."""
+    """The user named `username`, locked so two submissions cannot take the same build number.
+
+    A new user gets no password (b"": nothing matches it, so no one can log in to the
+    server as them until an admin sets one).
+    """
     user = session.scalar(select(User).where(User.username == username).with_for_update())
     if user is None:
-        user = User(username=username, email=email)
+        user = User(username=username, email=email or f"{username}@{NO_MAIL_DOMAIN}", password=b"")
         session.add(user)
         session.flush()
     elif email and user.email != email:
@@ -68,7 +84,11 @@ def get_or_create_user(session: Session, username: str, email: str | None = None
 
 
 def _namespace(session: Session, user: User, path: str) -> Namespace:
-    """The namespace `path` (or `path@owner`), created for the owner when new."""
+    """The namespace `path` (or `path@owner`), created for the owner when new, as the server lays namespaces out.
+
+    A root namespace is its own root at level 0; a child inherits its parent's root
+    and visibility, one level deeper.
+    """
     path, _, owner_name = path.partition("@")
     owner = user if not owner_name else session.scalar(select(User).where(User.username == owner_name))
     if owner is None:
@@ -86,13 +106,33 @@ def _namespace(session: Session, user: User, path: str) -> Namespace:
                     name=parts[depth - 1],
                     path=sub,
                     parent_id=parent.id if parent else None,
-                    root_id=(parent.root_id or parent.id) if parent else None,
+                    root_id=parent.root_id if parent else None,
+                    level=parent.level + 1 if parent else 0,
+                    visibility=parent.visibility if parent else "private",
                 )
                 session.add(found)
                 session.flush()
+                if found.root_id is None:
+                    found.root_id = found.id
             parent = found
         namespace = parent
     return namespace
+
+
+# The owner's stored variables and keys the build gets, as the server picks them: the
+# owner's own outside any namespace, and every one of the build's namespace.
+STORED_VARIABLES = text(
+    """
+    SELECT id, key, value, COALESCE(masked, false) AS masked FROM variables
+    WHERE (user_id = :user_id AND namespace_id IS NULL) OR namespace_id = :namespace_id ORDER BY id
+    """
+)
+STORED_KEYS = text(
+    """
+    SELECT id, name, key, config FROM keys
+    WHERE (user_id = :user_id AND namespace_id IS NULL) OR namespace_id = :namespace_id ORDER BY id
+    """
+)
 
 
 def create_build(
@@ -106,24 +146,39 @@ def create_build(
     trigger: Trigger | None = None,
 ) -> Submitted:
     """Write the build and everything it needs, in `session`'s transaction (queueing it is the caller's)."""
-    # The caller holds the user row's lock (get_or_create_user), so the number is ours.
-    number = (session.scalar(select(func.max(Build.number)).where(Build.user_id == user.id)) or 0) + 1
     variables = [Variable(k, v) for k, v in manifest.env] + list(variables)
     keys = list(keys)
     if cipher is None and (keys or any(v.masked for v in variables)):
         raise SubmitError("masked variables and keys are stored encrypted: add a crypto { block, salt } block to the worker config")
 
     namespace = _namespace(session, user, manifest.namespace) if manifest.namespace else None
+    owner_id = namespace.user_id if namespace else user.id
     objects = []
     for obj in manifest.objects:
         object_id = session.scalar(
-            select(Object.id).where(Object.user_id == user.id, Object.name == obj.source, Object.deleted_at.is_(None))
+            select(Object.id)
+            .where(
+                Object.name == obj.source,
+                Object.deleted_at.is_(None),
+                ((Object.user_id == owner_id) & Object.namespace_id.is_(None))
+                | (Object.namespace_id == (namespace.id if namespace else None)),
+            )
+            .order_by(Object.id)
+            .limit(1)
         )
         if object_id is None:
             raise SubmitError(f"objects: {user.username} has no object named {obj.source!r}")
         objects.append((obj, object_id))
 
-    return _insert_rows(session, manifest, user, number, namespace, objects, variables, keys, cipher, trigger or Trigger())
+    # A namespace's builds belong to its owner, as on the server. The submitter's row is
+    # locked (get_or_create_user); the owner's is locked here, so the number is ours.
+    owner = user if owner_id == user.id else session.scalar(select(User).where(User.id == owner_id).with_for_update())
+    number = (session.scalar(select(func.max(Build.number)).where(Build.user_id == owner.id)) or 0) + 1
+    stored = session.execute(STORED_VARIABLES, {"user_id": owner.id, "namespace_id": namespace.id if namespace else None}).all()
+    stored_keys = session.execute(STORED_KEYS, {"user_id": owner.id, "namespace_id": namespace.id if namespace else None}).all()
+    return _insert_rows(
+        session, manifest, owner, number, namespace, objects, variables, keys, cipher, trigger or Trigger(), stored, stored_keys
+    )
 
 
 # The build and the rows every build has, in one round trip. Stages and jobs arrive
@@ -153,7 +208,7 @@ INSERT_BUILD = text(
         WITH ORDINALITY AS j(stage, name, commands, n)
     ), jobs AS (
       INSERT INTO build_jobs (id, build_id, stage_id, name, commands, status)
-      SELECT job_rows.id, b.id, stage_rows.id, job_rows.name, job_rows.commands, CAST('queued' AS build_status)
+      SELECT job_rows.id, b.id, stage_rows.id, job_rows.name, job_rows.commands, CAST('queued' AS status)
       FROM b, job_rows JOIN stage_rows ON stage_rows.n = job_rows.stage
     )
     SELECT b.id, ARRAY(SELECT id FROM job_rows ORDER BY n) AS job_ids FROM b
@@ -161,10 +216,15 @@ INSERT_BUILD = text(
 ).bindparams(bindparam("driver_config", type_=JSON), bindparam("trigger_data", type_=JSON))
 
 
-def _insert_rows(session, manifest, user, number, namespace, objects, variables, keys, cipher, trigger) -> Submitted:
-    """The rows of SPEC section 2: INSERT_BUILD, then one multi-row INSERT per optional table."""
+def _insert_rows(
+    session, manifest, user, number, namespace, objects, variables, keys, cipher, trigger, stored=(), stored_keys=()
+) -> Submitted:
+    """The server's rows for a build: INSERT_BUILD, then one multi-row INSERT per optional table."""
     stages = plan_build(manifest, number).stages
     jobs = [(n, job) for n, stage in enumerate(stages, start=1) for job in stage.jobs]
+    driver = dict(manifest.driver)
+    if manifest.driver_type == "qemu":
+        driver.setdefault("arch", "x86_64")  # the server records the arch it queues qemu builds by
     row = session.execute(
         INSERT_BUILD,
         {
@@ -174,7 +234,7 @@ def _insert_rows(session, manifest, user, number, namespace, objects, variables,
             "manifest": manifest.text,
             "secret": secrets.token_hex(16),
             "driver_type": manifest.driver_type,
-            "driver_config": dict(manifest.driver),
+            "driver_config": driver,
             "trigger_type": trigger.type,
             "comment": trigger.comment,
             "trigger_data": trigger.data or {},
@@ -188,28 +248,52 @@ def _insert_rows(session, manifest, user, number, namespace, objects, variables,
         },
     ).one()
     build_id, job_ids = row.id, row.job_ids
-    rows = [
-        {"build_id": build_id, "key": v.key, "value": cipher.encrypt_text(v.value) if v.masked else v.value, "masked": v.masked}
+    # Stored variables are copied as stored (masked ones stay encrypted), then the manifest's and the caller's.
+    rows = [{"build_id": build_id, "variable_id": v.id, "key": v.key, "value": v.value, "masked": v.masked} for v in stored]
+    rows += [
+        {
+            "build_id": build_id,
+            "variable_id": None,
+            "key": v.key,
+            "value": cipher.encrypt_text(v.value) if v.masked else v.value,
+            "masked": v.masked,
+        }
         for v in variables
     ]
     if rows:
         session.execute(insert(BuildVariable), rows)
     rows = [
-        {"build_id": build_id, "name": k.name, "key": cipher.encrypt(k.key.encode()), "config": k.config, "location": f"/root/.ssh/{k.name}"}
+        {"build_id": build_id, "key_id": k.id, "name": k.name, "key": k.key, "config": k.config, "location": f"/root/.ssh/{k.name}"}
+        for k in stored_keys
+    ]
+    rows += [
+        {
+            "build_id": build_id,
+            "key_id": None,
+            "name": k.name,
+            "key": cipher.encrypt(k.key.encode()),
+            "config": k.config,
+            "location": f"/root/.ssh/{k.name}",
+        }
         for k in keys
     ]
     if rows:
         session.execute(insert(BuildKey), rows)
-    rows = [{"build_id": build_id, "object_id": object_id, "source": o.source, "name": o.destination, "placed": False} for o, object_id in objects]
+    # As the server writes them: name = the object's name, source = where it goes in the build.
+    rows = [
+        {"build_id": build_id, "object_id": object_id, "name": o.source, "source": o.destination, "placed": False}
+        for o, object_id in objects
+    ]
     if rows:
         session.execute(insert(BuildObject), rows)
 
+    hashes: Hasher = hasher(cipher.settings if cipher is not None else None)
     rows = [
         {
             "user_id": user.id,
             "build_id": build_id,
             "job_id": job_id,
-            "hash": secrets.token_hex(16),
+            "hash": hashes.hash_now(),
             "source": artifact.source,
             "name": artifact.destination,
         }
@@ -218,7 +302,7 @@ def _insert_rows(session, manifest, user, number, namespace, objects, variables,
     ]
     if rows:
         session.execute(insert(BuildArtifact), rows)
-    return Submitted(build_id, number, queue_for(manifest.driver_type, manifest.driver))
+    return Submitted(build_id, number, queue_for(manifest.driver_type, driver))
 
 
 def submit(

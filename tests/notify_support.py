@@ -351,11 +351,13 @@ def insert(env, table: str, **values) -> int:
 
 
 def add_user(env, username: str, email: str | None = None) -> int:
-    return insert(env, "users", username=username, email=email)
+    # The server's users need a unique address and a password hash; an .invalid address gets no mail.
+    return insert(env, "users", username=username, email=email or f"{username}@no-mail.invalid", password=b"")
 
 
 def add_namespace(env, owner_id: int, path: str) -> int:
-    return insert(env, "namespaces", user_id=owner_id, name=path.rsplit("/", 1)[-1], path=path, visibility="private")
+    return insert(env, "namespaces", user_id=owner_id, name=path.rsplit("/", 1)[-1], path=path, visibility="private",
+                  level=path.count("/"))
 
 
 def add_collaborator(env, namespace_id: int, user_id: int) -> int:

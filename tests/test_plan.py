@@ -28,16 +28,16 @@ jobs:
     plan = plan_build(m, number=7)
     setup, build, test = plan.stages
     assert setup.name == "setup - #7" and not setup.can_fail
-    assert [j.name for j in setup.jobs] == ["create-driver", "clone.1", "clone.2"]
+    assert [j.name for j in setup.jobs] == ["create-driver", "clone.0", "clone.1"]
     assert setup.jobs[0].commands == ()
     assert setup.jobs[1].commands == (
         "mkdir -p repo",
         "git clone -q https://example.com/org/repo.git repo",
         "cd repo",
     )
-    assert setup.jobs[2].commands[-1] == "git checkout -q main"
+    assert setup.jobs[2].commands[-1] == "git checkout main"
     # The counter restarts whenever the stage changes between consecutive jobs.
     assert [j.name for j in build.jobs] == ["build.1", "named-job", "build.1", "build.2"]
     assert [j.name for j in test.jobs] == ["test.1"]
     assert test.can_fail and not build.can_fail
-    assert [j.name for j in plan.only_stage("test").jobs()] == ["create-driver", "clone.1", "clone.2", "test.1"]
+    assert [j.name for j in plan.only_stage("test").jobs()] == ["create-driver", "clone.0", "clone.1", "test.1"]

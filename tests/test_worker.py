@@ -305,11 +305,14 @@ def test_objects_keys_and_masked_variables_through_the_worker(worker_env):
 
     worker_env.start_worker()
     # An object owned by the user, in the object store as <path>/<user_id>/<hash>.
-    ((user_id,),) = worker_env.sql("INSERT INTO users (username, email) VALUES ('carol', NULL) RETURNING id")
+    ((user_id,),) = worker_env.sql(
+        "INSERT INTO users (username, email, password) VALUES ('carol', 'carol@team.test', '') RETURNING id"
+    )
     data = b"object payload\n"
     worker_env.sql(
-        "INSERT INTO objects (user_id, hash, name, type, size, sha256) VALUES (:u, 'abc123', 'data.txt', 'text/plain', :n, :s)",
-        u=user_id, n=len(data), s=_hashlib.sha256(data).digest(),
+        "INSERT INTO objects (user_id, author_id, hash, name, type, size, md5, sha256)"
+        " VALUES (:u, :u, 'abc123', 'data.txt', 'text/plain', :n, :m, :s)",
+        u=user_id, n=len(data), m=_hashlib.md5(data).digest(), s=_hashlib.sha256(data).digest(),
     )
     store = worker_env.root / "objects" / str(user_id)
     store.mkdir(parents=True)

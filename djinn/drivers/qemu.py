@@ -97,6 +97,13 @@ def image_path(disks: str, image: str) -> Path:
     return base.joinpath(*parts)
 
 
+def user_image_path(disks: str | None, user_id: int, hash_: str) -> str:
+    """A user's own image (an `images` row), `<disks>/<user_id>/qemu/<hash>`, as the server stores uploads."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", hash_ or ""):
+        raise DriverError(f"invalid qemu image hash {hash_!r} in the images table")
+    return str(Path(disks or DEFAULT_DISKS) / str(int(user_id)) / "qemu" / hash_)
+
+
 def _int_setting(settings: Mapping[str, Any], key: str, default: int, minimum: int = 1) -> int:
     value = settings.get(key)
     if value is None or value == "":
@@ -183,6 +190,8 @@ class QEMUDriver(Driver):
         super().__init__(settings or {})
         s = self.settings
         self.image = str(s.get("image") or "")
+        # Set by the worker (never by a manifest) when the build's user has an image of that name.
+        self.user_image = str(s.get("user_image") or "")
         self.disks = str(s.get("disks") or DEFAULT_DISKS)
         self.cpus = _int_setting(s, "cpus", DEFAULT_CPUS)
         self.memory = _int_setting(s, "memory", DEFAULT_MEMORY, minimum=16)
@@ -219,7 +228,7 @@ class QEMUDriver(Driver):
     def create(self, env: Mapping[str, str], log: Output) -> None:
         started = time.monotonic()
         deadline = started + self.boot_timeout
-        path = image_path(self.disks, self.image)
+        path = Path(self.user_image) if self.user_image else image_path(self.disks, self.image)
         if not path.is_file():
             raise DriverError(f"qemu image {self.image} not found at {path}")
         if shutil.which(QEMU) is None:

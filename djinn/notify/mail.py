@@ -75,6 +75,9 @@ def recipients(session: Session, build: Build) -> list[str]:
     seen: set[str] = set()
     unique = []
     for address in found:
+        # Owners `djinn-worker submit` made without an address have one under .invalid (RFC 2606).
+        if address.lower().endswith(".invalid"):
+            continue
         if address.lower() not in seen:
             seen.add(address.lower())
             unique.append(address)
