@@ -82,7 +82,11 @@ class Hasher:
         with self._lock:
             now = max(time.time_ns(), self._last + 1)
             self._last = now
-        return self._hashids.encode(*(int(d) for d in reversed(str(now))))
+        return self.hash_at(now)
+
+    def hash_at(self, unix_ns: int) -> str:
+        """The hash the server gives an artifact created at `unix_ns`: of its digits, last digit first."""
+        return self._hashids.encode(*(int(d) for d in reversed(str(unix_ns))))
 
 
 _hashers: dict[str, Hasher] = {}
