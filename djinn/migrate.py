@@ -12,7 +12,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from djinn.errors import DjinnError
@@ -41,6 +41,7 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | N
     config = alembic_config()
     try:
         with engine.begin() as connection:
+            _refuse_old_layout(connection)
             before = MigrationContext.configure(connection).get_current_revision()
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
@@ -54,6 +55,16 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | N
             "run migrate as the database owner or an admin role"
         ) from None
     return before, after
+
+
+def _refuse_old_layout(connection) -> None:
+    """Databases made by worker releases before the server's schema was adopted cannot be upgraded in place."""
+    old = connection.execute(text("SELECT to_regtype('build_status') IS NOT NULL AND to_regtype('status') IS NULL")).scalar()
+    if old:
+        raise MigrateError(
+            f"migrate: database {connection.engine.url.database} has the tables of an earlier djinn-worker release "
+            "(enum build_status), not the Djinn server's schema: migrate a new, empty database and move the builds over"
+        )
 
 
 def head() -> str | None:

@@ -54,18 +54,20 @@ _OUTPUT = BuildJobOutput.__table__
 # The writes below run several times a build: plain SQL, one statement shape each,
 # so no statement is built or compiled per call.
 
-# A job's changes in a batch. started_at: when it started, else the one stored,
-# else (a job that never ran) when it was skipped. With :fold, its chunks become
-# `output` (read through the (build_id, id) index).
+# A job's changes in a batch. started_at: when it started, else the one stored (a
+# job that never ran keeps none, as the Go worker leaves it). With :fold, its chunks
+# become `output` (read through the (build_id, id) index); a job that never ran gets
+# an empty output, as on the Go worker.
 UPDATE_JOB = text(
     """
     UPDATE build_jobs SET
       status = :status,
-      started_at = COALESCE(:started_at, started_at, :finished_at),
+      started_at = COALESCE(:started_at, started_at),
       finished_at = :finished_at,
       output = CASE WHEN :fold THEN
         (SELECT COALESCE(string_agg(o.data, '' ORDER BY o.id), '') FROM build_job_output o
           WHERE o.build_id = :build_id AND o.job_id = :job_id)
+        WHEN :skipped THEN COALESCE(output, '')
         ELSE output END
     WHERE id = :job_id
     """
@@ -284,10 +286,10 @@ class DatabaseReporter(Reporter):
     def _job_params(self, job_id: int, change: dict[str, Any], sizes: dict[int, int]) -> dict[str, Any]:
         params = {"build_id": self.build_id, "job_id": job_id, "started_at": change.get("started_at")}
         if "finished" not in change:
-            return {**params, "status": Status.RUNNING.value, "finished_at": None, "fold": False}
+            return {**params, "status": Status.RUNNING.value, "finished_at": None, "fold": False, "skipped": False}
         status, finished_at, ran = change["finished"]
         fold = ran and sizes.get(job_id, 0) <= COLUMN_LIMIT
-        return {**params, "status": status.value, "finished_at": finished_at, "fold": fold}
+        return {**params, "status": status.value, "finished_at": finished_at, "fold": fold, "skipped": not ran}
 
 
 class BuildArtifacts:
