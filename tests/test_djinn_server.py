@@ -244,7 +244,8 @@ def write_server_build(env, manifest: str, stages: list[tuple[str, bool, list[tu
     )
     env.sql("INSERT INTO build_triggers (build_id, type, comment, data, created_at) VALUES (:b, 'manual', 'by hand', '{}', now())",
             b=build_id)
-    env.sql("INSERT INTO build_drivers (build_id, type, config) VALUES (:b, 'docker', :c)", b=build_id, c=json.dumps(driver))
+    env.sql("INSERT INTO build_drivers (build_id, type, config) VALUES (:b, CAST(:t AS driver_type), :c)",
+            b=build_id, t=driver["type"], c=json.dumps(driver))
     if with_secrets:
         env.sql("INSERT INTO build_variables (build_id, variable_id, key, value, masked)"
                 " SELECT :b, id, key, value, masked FROM variables WHERE user_id = :u", b=build_id, u=user_id)
@@ -409,3 +410,42 @@ def test_a_failing_and_a_killed_server_build_end_as_they_should(docker_server_en
     assert wait_finished(env, killed, timeout=60) == "killed", env.log_tail()
     ((status, finished),) = env.sql("SELECT status, finished_at FROM build_jobs WHERE build_id = :b AND name = 'a.1'", b=killed)
     assert status == "killed" and finished is not None
+
+
+def test_a_qemu_build_uses_its_users_own_image_before_the_base_images(server_env):
+    from types import SimpleNamespace
+
+    from djinn import db
+    from djinn.config.settings import DatabaseSettings
+    from djinn.drivers.qemu import QEMUDriver, user_image_path
+    from djinn.errors import DriverError
+    from djinn.execute import decode_build, fetch_build
+
+    env = server_env
+    env.cli("migrate")
+    env.sql("INSERT INTO users (email, username, password) VALUES ('alice@team.test', 'alice', ''), ('bob@team.test', 'bob', '')")
+    ((alice,), (bob,)) = env.sql("SELECT id FROM users WHERE username IN ('alice', 'bob') ORDER BY username")
+    env.sql("INSERT INTO images (user_id, author_id, driver, hash, name) VALUES (:b, :b, 'qemu', 'bobs0001', 'custom/img'),"
+            " (:a, :a, 'qemu', 'alices01', 'custom/img')", a=alice, b=bob)
+    own = write_server_build(env, "driver: {type: qemu, image: custom/img}\n", [],
+                             driver={"type": "qemu", "image": "custom/img", "arch": "x86_64"})
+    base = write_server_build(env, "driver: {type: qemu, image: debian/12}\n", [],
+                              driver={"type": "qemu", "image": "debian/12", "arch": "x86_64"})
+
+    engine = db.make_engine(DatabaseSettings(addr=env.postgres.addr, name=env.database, username="postgres"))
+    try:
+        with db.sessions(engine)() as session:
+            loaded_own = decode_build(SimpleNamespace(cipher=None), fetch_build(session, own))
+            loaded_base = decode_build(SimpleNamespace(cipher=None), fetch_build(session, base))
+    finally:
+        engine.dispose()
+    assert loaded_own.image == (alice, "alices01") and loaded_base.image is None
+
+    disks = env.root / "disks"
+    path = user_image_path(str(disks), *loaded_own.image)
+    assert path == str(disks / str(alice) / "qemu" / "alices01")
+    driver = QEMUDriver({"image": "custom/img", "disks": str(disks), "user_image": path})
+    with pytest.raises(DriverError, match=f"not found at {path}"):
+        driver.create({}, lambda data: None)
+    with pytest.raises(DriverError, match="_base/qemu/x86_64/debian/12"):
+        QEMUDriver({"image": "debian/12", "disks": str(disks), "user_image": None}).create({}, lambda data: None)
