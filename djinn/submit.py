@@ -153,16 +153,15 @@ def create_build(
 
     namespace = _namespace(session, user, manifest.namespace) if manifest.namespace else None
     owner_id = namespace.user_id if namespace else user.id
+    # As the server picks them: the owner's objects outside any namespace, or the build's namespace's.
+    visible = (Object.user_id == owner_id) & Object.namespace_id.is_(None)
+    if namespace is not None:
+        visible = visible | (Object.namespace_id == namespace.id)
     objects = []
     for obj in manifest.objects:
         object_id = session.scalar(
             select(Object.id)
-            .where(
-                Object.name == obj.source,
-                Object.deleted_at.is_(None),
-                ((Object.user_id == owner_id) & Object.namespace_id.is_(None))
-                | (Object.namespace_id == (namespace.id if namespace else None)),
-            )
+            .where(Object.name == obj.source, Object.deleted_at.is_(None), visible)
             .order_by(Object.id)
             .limit(1)
         )
