@@ -272,13 +272,18 @@ return 1
 # KEYS: consumers, active, signal. ARGV: expired_before, limit.
 # Consumers whose last beat is at or before `expired_before` are dead: move
 # their in-flight ids back to active (Attempt unchanged) and forget a consumer
-# once its set is empty. Returns how many ids moved.
+# once its set is empty (a member naming no set is just forgotten). Returns how
+# many ids moved.
 REAP = """
 local limit = tonumber(ARGV[2])
 local left = limit
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], 0, ARGV[1], 'LIMIT', 0, limit)
 for _, member in ipairs(dead) do
-  local ids = redis.call('SPOP', member, left)
+  local kind = redis.call('TYPE', member).ok
+  local ids = {}
+  if kind == 'set' then
+    ids = redis.call('SPOP', member, left)
+  end
   if #ids > 0 then
     redis.call('RPUSH', KEYS[2], unpack(ids))
   end
@@ -403,6 +408,8 @@ class Consumer:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
+        if self.running:
+            return
         try:
             self._run("leave", [self.keys.consumers, self.member], [self.member])
         except redis.RedisError as exc:
@@ -622,9 +629,18 @@ def hand_off(ctx: Any) -> Callable[[Job], None]:
 
 def start_for_worker(ctx: Any) -> Consumer:
     """Serve the worker's curlyq queue (the Celery queue's namesake) until stopped."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     from djinn.kill import redis_client
 
+    # No retries inside redis-py: the consumer backs off itself, and a stop must not
+    # wait for a client retrying a Redis that is away.
     client = redis_client(
-        ctx.config.redis, socket_timeout=POLL_TIMEOUT + 10, socket_connect_timeout=5, health_check_interval=30
+        ctx.config.redis,
+        socket_timeout=POLL_TIMEOUT + 10,
+        socket_connect_timeout=2,
+        health_check_interval=30,
+        retry=Retry(NoBackoff(), 0),
     )
     return Consumer(client, ctx.config.queue, hand_off(ctx)).start()
