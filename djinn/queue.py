@@ -73,10 +73,20 @@ def config_paths() -> tuple[str, str]:
     return os.environ.get(CONFIG_ENV, "djinn-worker.conf"), os.environ.get(DRIVER_CONFIG_ENV, "djinn-driver.conf")
 
 
-def enqueue(app: Celery, build_id: int, queue: str) -> None:
+def enqueue(app: Celery, build_id: int, queue: str, host: str | None = None) -> None:
     """Put build `build_id` on `queue`; the task loads everything else from the database.
+
+    `host` is the Djinn server a curlyq job came from (its payload's Host): the
+    failure mail links there instead of the config's `host`.
 
     Uses the app's pooled producer connection; when the broker is down it fails after
     Celery's short publish retry policy rather than hanging.
     """
-    app.send_task(RUN_BUILD, args=[build_id], queue=queue, retry=True, retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5})
+    app.send_task(
+        RUN_BUILD,
+        args=[build_id],
+        kwargs={"host": host} if host else {},
+        queue=queue,
+        retry=True,
+        retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5},
+    )

@@ -98,12 +98,18 @@ def on_build_finished(ctx: Any, build_id: int, status: Status) -> None:
 
 
 @_never_raises
-def on_build_failed(ctx: Any, build_id: int, status: Status) -> None:
-    """The build ended failed, killed or timed_out: owe its mail, and hand it to the mail task."""
+def on_build_failed(ctx: Any, build_id: int, status: Status, host: str | None = None) -> None:
+    """The build ended failed, killed or timed_out: owe its mail, and hand it to the mail task.
+
+    `host`: the Djinn server the build was queued from, for the mail's link.
+    """
     from djinn.notify.mail import owe_failure_mail
 
     if owe_failure_mail(ctx, build_id):
-        send_task(ctx, SEND_FAILURE_MAIL, build_id)
+        if host:
+            send_task(ctx, SEND_FAILURE_MAIL, build_id, host)
+        else:
+            send_task(ctx, SEND_FAILURE_MAIL, build_id)
 
 
 def _admin_mail(ctx: Any, build_id: int | None, traceback_text: str) -> None:

@@ -156,8 +156,14 @@ def message(settings: SMTPSettings, to: Iterable[str], subject: str, body: str, 
     return msg
 
 
-def compose_failure_mail(ctx: Any, session: Session, build_id: int) -> tuple[EmailMessage, list[str]] | None:
-    """The failure mail for the build, or None when it has no one to go to."""
+def compose_failure_mail(
+    ctx: Any, session: Session, build_id: int, link_host: str | None = None
+) -> tuple[EmailMessage, list[str]] | None:
+    """The failure mail for the build, or None when it has no one to go to.
+
+    `link_host`: the Djinn server the build came from (a curlyq payload's Host),
+    linked instead of the config's `host`.
+    """
     build = session.get(Build, build_id)
     if build is None:
         return None
@@ -168,7 +174,8 @@ def compose_failure_mail(ctx: Any, session: Session, build_id: int) -> tuple[Ema
     tail = output_tail(session, build_id)
     masker = Masker(secret_values(ctx, session, build_id))
     tail = masker.mask(tail.encode()).decode("utf-8", "replace")
-    body = failure_body(build_url(host(ctx.config), username, build.number), describe_trigger(build.trigger, username), tail)
+    base = link_host.rstrip("/") if link_host else host(ctx.config)
+    body = failure_body(build_url(base, username, build.number), describe_trigger(build.trigger, username), tail)
     msg = message(
         ctx.config.smtp,
         to,
@@ -298,7 +305,7 @@ def _mark_sent(ctx: Any, build_id: int, tries: int = 30) -> None:
             time.sleep(min(2.0, 0.1 * 2**attempt))
 
 
-def deliver_failure_mail(ctx: Any, build_id: int) -> str:
+def deliver_failure_mail(ctx: Any, build_id: int, link_host: str | None = None) -> str:
     """Send the build's failure mail unless it was sent (or is being sent); says what happened.
 
     Raises OSError / smtplib.SMTPException while the SMTP server cannot take the
@@ -312,7 +319,7 @@ def deliver_failure_mail(ctx: Any, build_id: int) -> str:
         return "nothing to do: already sent, being sent, or not owed"
     try:
         with ctx.sessions() as session:
-            composed = compose_failure_mail(ctx, session, build_id)
+            composed = compose_failure_mail(ctx, session, build_id, link_host)
         if composed is None:
             _set_state(ctx, build_id, SKIPPED, error="no recipient has a mail address")
             return "skipped: nobody to mail"

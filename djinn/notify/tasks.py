@@ -46,9 +46,9 @@ class FailureMailTask(Task):
     retry_jitter=True,
     max_retries=MAIL_MAX_RETRIES,
 )
-def send_failure_mail(build_id: int) -> str:
-    """Send a failed build's mail, once (djinn.notify.mail)."""
-    return mail.deliver_failure_mail(context.current(), int(build_id))
+def send_failure_mail(build_id: int, host: str | None = None) -> str:
+    """Send a failed build's mail, once (djinn.notify.mail); `host` overrides the config's for the link."""
+    return mail.deliver_failure_mail(context.current(), int(build_id), host)
 
 
 @shared_task(

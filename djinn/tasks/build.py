@@ -37,14 +37,16 @@ class BuildTask(Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         ctx = context.current()
         if isinstance(exc, BuildFailed):
-            notify.on_build_failed(ctx, exc.build_id, exc.status)
+            notify.on_build_failed(ctx, exc.build_id, exc.status, host=(kwargs or {}).get("host"))
         else:
             notify.on_task_error(ctx, int(args[0]) if args else None, str(einfo.traceback))
 
 
 @shared_task(base=BuildTask, name=RUN_BUILD, acks_late=True, ignore_result=True, throws=(BuildFailed,))
-def run_build_task(build_id: int) -> str | None:
+def run_build_task(build_id: int, host: str | None = None) -> str | None:
     """Run one build, given only its id: everything else is read from the database.
+
+    `host`, when given (a curlyq job's payload), is what the failure mail links to.
 
     Returns the final status, or None when this worker did not run the build
     (finished already, or run by another worker); raises BuildFailed for a

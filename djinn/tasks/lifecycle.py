@@ -4,22 +4,32 @@
 - worker_init (main process, before the pool forks): the metrics listener;
 - worker_process_init (each pool process): its SIGTERM will hand its build
   back (djinn.shutdown);
-- worker_ready: start-up sweep, the reaper, and the main process's signals
-  (first SIGTERM/SIGINT drains, the second hands builds back, SIGHUP reopens);
-- worker_shutdown: the reaper and the listener stop.
+- worker_ready: start-up sweep, the reaper, the consumer of the Djinn server's
+  curlyq queue (djinn.curlyq), and the main process's signals (first
+  SIGTERM/SIGINT drains, the second hands builds back, SIGHUP reopens);
+- worker_shutting_down (the drain starts): the curlyq consumer stops taking jobs;
+- worker_shutdown: the curlyq consumer, the reaper and the listener stop.
 """
 
 from __future__ import annotations
 
 import logging
 
-from celery.signals import setup_logging, worker_init, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    setup_logging,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from djinn import context
 
 log = logging.getLogger(__name__)
 _reaper = None
 _controller = None
+_curlyq = None
 
 
 @setup_logging.connect
@@ -53,7 +63,8 @@ def on_worker_process_init(**_) -> None:
 @worker_ready.connect
 def on_worker_ready(sender=None, **_) -> None:
     """Clean up after dead builds, keep watching for builds whose worker died, take over the signals."""
-    global _reaper
+    global _reaper, _curlyq
+    from djinn.curlyq import start_for_worker
     from djinn.reaper import Reaper, sweep_leftovers
     from djinn.shutdown import MainSignals
 
@@ -63,13 +74,27 @@ def on_worker_ready(sender=None, **_) -> None:
     except Exception as exc:  # a sweep that fails must not keep the worker from running builds
         log.warning("start-up sweep failed: %s", exc)
     _reaper = Reaper(ctx).start()
+    try:
+        _curlyq = start_for_worker(ctx)
+    except Exception as exc:  # Celery builds still run; the server's queue waits for a restart
+        log.error("cannot consume the curlyq queue %s: %s", ctx.config.queue, exc)
     MainSignals(_controller or getattr(sender, "controller", None)).install()
+
+
+@worker_shutting_down.connect
+def on_worker_shutting_down(**_) -> None:
+    """Draining takes no new builds from the server's queue either: they stay there for other workers."""
+    global _curlyq
+    if _curlyq is not None:
+        consumer, _curlyq = _curlyq, None
+        consumer.stop()
 
 
 @worker_shutdown.connect
 def on_worker_shutdown(**_) -> None:
     from djinn import metrics
 
+    on_worker_shutting_down()
     if _reaper is not None:
         _reaper.stop()
     metrics.stop()
