@@ -43,16 +43,32 @@ def reap(ctx: WorkerContext) -> list[int]:
 
 
 def sweep_leftovers(ctx: WorkerContext) -> list[str]:
-    """At start-up: remove what builds no live worker runs left in the driver (containers, volumes)."""
-    if ctx.config.driver != "docker":
-        return []
-    from djinn.drivers.docker import sweep
+    """At start-up: remove what builds no live worker runs left behind in the driver.
 
+    docker: containers and volumes; os: build directories and the processes still
+    running in them; qemu: VMs and their overlay directories. What belongs to a
+    build that is running with a fresh heartbeat, or to a process that is alive,
+    stays.
+    """
+    kind = "qemu" if ctx.config.driver == "qemu-x86_64" else ctx.config.driver
+    if kind not in ("docker", "os", "qemu"):
+        return []
     with ctx.sessions() as session:
         live = {str(b.id) for b in session.scalars(
             select(Build).where(Build.status == Status.RUNNING.value, Build.heartbeat_at >= func.now() - ctx.stale_after)
         )}
-    removed = sweep(ctx.drivers.settings_for("docker"), keep=live)
+    if kind == "docker":
+        from djinn.drivers.docker import sweep
+
+        removed = sweep(ctx.drivers.settings_for("docker"), keep=live)
+    elif kind == "os":
+        from djinn.drivers.os import sweep
+
+        removed = sweep(keep=live)
+    else:
+        from djinn.drivers.qemu import sweep
+
+        removed = sweep(keep=live)
     for item in removed:
         log.warning("removed leftover %s of a build that no longer runs", item)
     return removed
