@@ -45,30 +45,30 @@ def reap(ctx: WorkerContext) -> list[int]:
 def sweep_leftovers(ctx: WorkerContext) -> list[str]:
     """At start-up: remove what builds no live worker runs left behind in the driver.
 
-    docker: containers and volumes; os: build directories and the processes still
-    running in them; qemu: VMs and their overlay directories. What belongs to a
-    build that is running with a fresh heartbeat, or to a process that is alive,
-    stays.
+    docker: containers and volumes of builds not running with a fresh heartbeat
+    (the engine may be shared by several hosts); os: build directories and the
+    processes still running in them, qemu: VMs and their overlay directories,
+    each when the worker process that made them is gone (djinn.drivers.leftovers).
     """
     kind = "qemu" if ctx.config.driver == "qemu-x86_64" else ctx.config.driver
-    if kind not in ("docker", "os", "qemu"):
-        return []
-    with ctx.sessions() as session:
-        live = {str(b.id) for b in session.scalars(
-            select(Build).where(Build.status == Status.RUNNING.value, Build.heartbeat_at >= func.now() - ctx.stale_after)
-        )}
     if kind == "docker":
         from djinn.drivers.docker import sweep
 
+        with ctx.sessions() as session:
+            live = {str(b.id) for b in session.scalars(
+                select(Build).where(Build.status == Status.RUNNING.value, Build.heartbeat_at >= func.now() - ctx.stale_after)
+            )}
         removed = sweep(ctx.drivers.settings_for("docker"), keep=live)
     elif kind == "os":
-        from djinn.drivers.os import sweep
+        from djinn.drivers.os import sweep as sweep_os
 
-        removed = sweep(keep=live)
+        removed = sweep_os()
+    elif kind == "qemu":
+        from djinn.drivers.qemu import sweep as sweep_qemu
+
+        removed = sweep_qemu()
     else:
-        from djinn.drivers.qemu import sweep
-
-        removed = sweep(keep=live)
+        return []
     for item in removed:
         log.warning("removed leftover %s of a build that no longer runs", item)
     return removed

@@ -3,9 +3,12 @@
 The os and qemu drivers make a temporary directory per build. Each gets a
 marker file saying which build it is for and which process made it (pid and
 the process's start time, so a recycled pid is not mistaken for the owner),
-and, for qemu, which process is the VM. A directory is stale when its owner
-process is gone and its build is not running on a live worker; the sweep kills
-what still runs for it and removes it.
+and, for qemu, which process is the VM. The process that made the directory is
+the one running the build in it, so a directory is stale exactly when that
+process is gone: no live worker runs a build from it (a rerun elsewhere, or on
+this host, makes a directory of its own). The database cannot say more: a
+worker restarted seconds after being killed still sees its build's heartbeat
+as fresh. The sweep kills what still runs for a stale directory and removes it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import signal
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator
+from typing import Any, Callable, Iterator
 
 MARKER = "djinn-owner.json"
 
@@ -68,8 +71,8 @@ def read_marker(directory: Path) -> dict[str, Any] | None:
     return owner if isinstance(owner, dict) else None
 
 
-def stale_dirs(prefix: str, keep: Collection[str] = (), root: str | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Marked directories `<tmp>/<prefix>*` of this host whose owner process is gone and whose build is not in `keep`.
+def stale_dirs(prefix: str, root: str | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Marked directories `<tmp>/<prefix>*` of this host whose owner process is gone.
 
     Directories without a marker (made by an older version, or not ours) are left alone.
     """
@@ -82,8 +85,6 @@ def stale_dirs(prefix: str, keep: Collection[str] = (), root: str | None = None)
     for directory in candidates:
         owner = read_marker(directory)
         if owner is None or owner.get("host") != host:
-            continue
-        if owner.get("build_id") is not None and str(owner["build_id"]) in keep:
             continue
         if same_process(owner.get("pid"), owner.get("started")):
             continue
@@ -111,11 +112,11 @@ def kill_processes_in(directory: Path) -> list[int]:
     return killed
 
 
-def sweep(prefix: str, what: str, keep: Collection[str] = (), root: str | None = None,
+def sweep(prefix: str, what: str, root: str | None = None,
           before_remove: Callable[[Path, dict[str, Any]], list[str]] | None = None) -> list[str]:
     """Remove the stale directories `stale_dirs` finds (and the processes still running in them); says what went."""
     removed: list[str] = []
-    for directory, owner in stale_dirs(prefix, keep, root):
+    for directory, owner in stale_dirs(prefix, root):
         if before_remove is not None:
             removed += before_remove(directory, owner)
         for pid in kill_processes_in(directory):

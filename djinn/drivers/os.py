@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import BinaryIO, Collection, Iterator, Mapping
+from typing import BinaryIO, Iterator, Mapping
 
 from djinn.drivers import leftovers
 from djinn.drivers.base import Driver, Output
@@ -156,13 +156,13 @@ class OSDriver(Driver):
             self.root = None
 
 
-def sweep(keep: Collection[str] = (), root: str | None = None) -> list[str]:
-    """Remove build directories (and processes still running in them) of builds no live worker runs.
+def sweep(root: str | None = None) -> list[str]:
+    """Remove build directories (and processes still running in them) whose worker process is gone.
 
-    A worker calls it at start-up with the ids of builds still running anywhere;
-    a directory whose owner process is alive is never touched.
+    A worker calls it at start-up; a directory whose owner process is alive is
+    never touched (djinn.drivers.leftovers).
     """
-    return leftovers.sweep(DIR_PREFIX, "build directory", keep, root)
+    return leftovers.sweep(DIR_PREFIX, "build directory", root)
 
 
 DRIVER = OSDriver

@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Collection, Iterator, Mapping
+from typing import Any, BinaryIO, Iterator, Mapping
 
 from djinn.drivers import leftovers
 from djinn.drivers.base import Driver, Output
@@ -452,14 +452,14 @@ def _kill_stale_vm(directory: Path, owner: dict[str, Any]) -> list[str]:
     return [f"{QEMU} process {pid} of build {owner.get('build_id') or '?'}"]
 
 
-def sweep(keep: Collection[str] = (), root: str | None = None) -> list[str]:
-    """Kill VMs and remove overlay directories of builds no live worker runs.
+def sweep(root: str | None = None) -> list[str]:
+    """Kill VMs and remove overlay directories whose worker process is gone.
 
-    A worker calls it at start-up with the ids of builds still running anywhere;
-    a directory whose owner process is alive is never touched. (A VM normally dies
-    with its worker, through setpriv --pdeathsig; this covers hosts without setpriv.)
+    A worker calls it at start-up; a directory whose owner process is alive is
+    never touched (djinn.drivers.leftovers). A VM normally dies with its worker,
+    through setpriv --pdeathsig; this covers hosts without setpriv.
     """
-    return leftovers.sweep(DIR_PREFIX, "VM directory", keep, root, before_remove=_kill_stale_vm)
+    return leftovers.sweep(DIR_PREFIX, "VM directory", root, before_remove=_kill_stale_vm)
 
 
 DRIVER = QEMUDriver
