@@ -39,7 +39,6 @@ __all__ = [
     "build_url",
     "host",
     "on_build_failed",
-    "on_build_finished",
     "on_build_started",
     "on_task_error",
     "on_worker_error",
@@ -62,7 +61,7 @@ def _never_raises(fn: F) -> F:
 
 # SQL: whether build `b` has anyone to tell about its events (a pull request or a
 # namespace webhook). Most builds have neither: djinn.execute reads this when it
-# loads a build and calls on_build_started / on_build_finished only when true.
+# loads a build and calls on_build_started / record_build_finished only when true.
 WANTS_EVENTS = """
     EXISTS (SELECT 1 FROM build_triggers t WHERE t.build_id = b.id AND t.type = 'pull')
     OR EXISTS (SELECT 1 FROM namespace_webhooks w WHERE w.namespace_id = b.namespace_id)
