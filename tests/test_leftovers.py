@@ -169,3 +169,34 @@ def test_os_driver_marks_its_build_directory(tmp_path, monkeypatch):
     finally:
         driver.destroy()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_qemu_worker_leaves_a_vm_directory_the_next_worker_removes(worker_env, qemu_image, tmp_path, monkeypatch):
+    """A real VM booting for a build when its worker tree is SIGKILLed; the next worker cleans up."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    disks = qemu_image.disks_with(worker_env.root)
+    worker_env.write_config(driver="qemu", driver_config=f'driver qemu {{\n    disks "{disks}"\n    cpus 1\n    memory 512\n}}\n')
+    first = worker_env.start_worker(name="first")
+    build_id = worker_env.submit("driver: {type: qemu, image: djinn-test}\nstages: [a]\njobs:\n  - {stage: a, commands: ['sleep 600']}\n")
+
+    def vm_started():
+        for directory in scratch.glob("djinn-qemu-*"):
+            owner = leftovers.read_marker(directory)
+            if owner and owner.get("vm_pid"):
+                return directory, owner
+        return None
+
+    wait_until(vm_started, 120, f"no VM started; log:\n{worker_env.log_tail()}")
+    vm_dir, owner = vm_started()
+    assert owner["build_id"] == str(build_id) and alive(owner["vm_pid"])
+    worker_env.kill_group(first)
+    assert vm_dir.exists()  # QEMU's log and overlay directory: nothing ran destroy()
+
+    worker_env.start_worker(name="second")
+    wait_until(lambda: not vm_dir.exists(), 60, f"{vm_dir} is still there; log:\n{worker_env.log_tail()}")
+    wait_until(lambda: not alive(owner["vm_pid"]), 30, "the VM of the killed worker still runs")
+    assert f"removed leftover VM directory {vm_dir} of build {build_id}" in (worker_env.root / "worker.log").read_text()
+    worker_env.cli("kill", str(build_id))  # the rerun: queued or booting, either way it ends now
+    assert worker_env.wait_status(build_id, timeout=120)["status"] == "killed"
