@@ -30,6 +30,8 @@ CHANNEL_PREFIX = "kill-"
 #: may have been sent between the build's claim and the start of its kill watch.
 EARLY_KILL_SECONDS = 60.0
 EARLY_KILL_LIMIT = 1000
+#: Payloads kept per build, so messages with wrong payloads cannot push out the real one.
+EARLY_KILL_PAYLOADS = 8
 
 
 def kill_channel(build_id: int) -> str:
@@ -92,8 +94,8 @@ class _Hub:
     def __init__(self, settings: RedisSettings) -> None:
         self.settings = settings
         self.watches: dict[int, tuple[bytes, Callable[[], None]]] = {}
-        # Kills heard for builds not watched here (yet): build id -> (payload, when).
-        self.early: dict[int, tuple[bytes, float]] = {}
+        # Kills heard for builds not watched here (yet): build id -> [(payload, when)].
+        self.early: dict[int, list[tuple[bytes, float]]] = {}
         self.subscribed = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="kill-listener", daemon=True)
@@ -102,8 +104,9 @@ class _Hub:
     def watch(self, build_id: int, secret: bytes, on_kill: Callable[[], None]) -> None:
         with self._lock:
             self.watches[build_id] = (secret, on_kill)
-            early = self.early.pop(build_id, None)
-        if early is not None and time.monotonic() - early[1] < EARLY_KILL_SECONDS and hmac.compare_digest(early[0], secret):
+            early = self.early.pop(build_id, [])
+        now = time.monotonic()
+        if any(now - at < EARLY_KILL_SECONDS and hmac.compare_digest(data, secret) for data, at in early):
             log.info("build %s: kill received before the build's kill watch started", build_id)
             self._fire(build_id, on_kill)
 
@@ -128,10 +131,13 @@ class _Hub:
     def _remember_early(self, build_id: int, data: bytes) -> None:
         """Keep a kill for a build not watched here; called with the lock held."""
         now = time.monotonic()
-        if len(self.early) >= EARLY_KILL_LIMIT:
-            for old in [b for b, (_, at) in self.early.items() if now - at >= EARLY_KILL_SECONDS] or [next(iter(self.early))]:
+        if build_id not in self.early and len(self.early) >= EARLY_KILL_LIMIT:
+            expired = [b for b, heard in self.early.items() if now - heard[-1][1] >= EARLY_KILL_SECONDS]
+            for old in expired or [next(iter(self.early))]:
                 del self.early[old]
-        self.early[build_id] = (data, now)
+        heard = self.early.setdefault(build_id, [])
+        if len(heard) < EARLY_KILL_PAYLOADS:
+            heard.append((data, now))
 
     @staticmethod
     def _fire(build_id: int, on_kill: Callable[[], None]) -> None:
