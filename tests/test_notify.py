@@ -529,9 +529,14 @@ def test_outbox_row_left_sending_by_a_dead_worker_is_sent_again(worker_env, http
         "now() - make_interval(secs => :stale + 1))",
         b=build_id, h=hook, stale=stale,
     )
+    # Done rows are kept a week, then deleted.
+    worker_env.sql("INSERT INTO notification_outbox (build_id, kind, event, state, updated_at) VALUES "
+                   "(:b, 'status', 'build.started', 'sent', now() - interval '8 days'), "
+                   "(:b, 'status', 'build.finished', 'failed', now() - interval '6 days')", b=build_id)
     worker_env.start_worker()
     (request,) = http_recorder.wait(1, "/hooks/app", timeout=60)
     assert request.body == b'{"id": 1}'
+    assert worker_env.sql("SELECT event, state FROM notification_outbox WHERE kind = 'status'") == [("build.finished", "failed")]
     rows = wait_outbox(worker_env, build_id, lambda rows: any(r[0] == "webhook" and r[2] == "sent" for r in rows))
     assert ("webhook", "build.finished", "sent", 2) in rows
     (redelivery,) = worker_env.sql("SELECT redelivery FROM namespace_webhook_deliveries WHERE webhook_id = :h", h=hook)[0]

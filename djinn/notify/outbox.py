@@ -25,7 +25,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -45,6 +45,9 @@ BACKOFF_MAX = 300.0
 SENDING_STALE = dt.timedelta(minutes=2)
 POLL_INTERVAL = 1.0
 SENDERS = 4
+# Rows that are done are kept this long (to see what was sent), then deleted, looked for every PRUNE_EVERY seconds.
+KEEP_DONE = dt.timedelta(days=7)
+PRUNE_EVERY = 3600.0
 # Transient trouble: the other side away or failing, or the database restarting.
 RETRYABLE = (statuses.StatusRetry, webhooks.DeliveryFailed, SQLAlchemyError, OSError)
 
@@ -91,6 +94,17 @@ def claim_due(ctx: Any, limit: int) -> list[int]:
                 .values(state=SENDING, attempts=NotificationOutbox.attempts + 1, updated_at=func.now())
             )
     return ids
+
+
+def prune(ctx: Any) -> int:
+    """Delete rows sent or given up longer than KEEP_DONE ago; returns how many."""
+    with transaction(ctx.sessions) as session:
+        result = session.execute(
+            delete(NotificationOutbox).where(
+                NotificationOutbox.state.in_([SENT, FAILED]), NotificationOutbox.updated_at < func.now() - KEEP_DONE
+            )
+        )
+    return result.rowcount
 
 
 def backoff(attempts: int) -> float:
@@ -168,6 +182,7 @@ class Dispatcher:
         self._pool = ThreadPoolExecutor(max_workers=senders, thread_name_prefix="notify-send")
         self._thread = threading.Thread(target=self._run, name="notify-dispatch", daemon=True)
         self._failing: str | None = None
+        self._pruned_at = 0.0
 
     def start(self) -> "Dispatcher":
         self._thread.start()
@@ -202,6 +217,12 @@ class Dispatcher:
         if self._failing is not None:
             log.info("notification outbox available again")
             self._failing = None
+        if time.monotonic() - self._pruned_at > PRUNE_EVERY:
+            self._pruned_at = time.monotonic()
+            try:
+                prune(self.ctx)
+            except SQLAlchemyError as exc:
+                log.warning("notification outbox: cannot delete old rows: %s", str(exc).splitlines()[0])
         for outbox_id in ids:
             with self._busy_lock:
                 self._busy += 1
