@@ -182,7 +182,7 @@ class Dispatcher:
         self._pool = ThreadPoolExecutor(max_workers=senders, thread_name_prefix="notify-send")
         self._thread = threading.Thread(target=self._run, name="notify-dispatch", daemon=True)
         self._failing: str | None = None
-        self._pruned_at = 0.0
+        self._pruned_at: float | None = None  # prune on the first pass
 
     def start(self) -> "Dispatcher":
         self._thread.start()
@@ -217,7 +217,7 @@ class Dispatcher:
         if self._failing is not None:
             log.info("notification outbox available again")
             self._failing = None
-        if time.monotonic() - self._pruned_at > PRUNE_EVERY:
+        if self._pruned_at is None or time.monotonic() - self._pruned_at > PRUNE_EVERY:
             self._pruned_at = time.monotonic()
             try:
                 prune(self.ctx)
