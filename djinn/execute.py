@@ -309,18 +309,20 @@ def _run_claimed(ctx: WorkerContext, build_id: int, lease: Lease, run: shutdown.
         if shutdown.hand_back(ctx, lease, on_reset=lambda session, b: remove_artifact_files(ctx, session, b.id)):
             raise _HandedBack()
         raise _LeaseLost()  # left running on a lease nobody renews: the reaper requeues it
-    retry_on_disconnect(ctx.sessions, lambda session: _finish(session, reporter, status, lease))
+    # wants_events was checked when the build was loaded: a webhook added while it ran is told from the next build on.
+    events = ctx if loaded.wants_events else None
+    retry_on_disconnect(ctx.sessions, lambda session: _finish(session, reporter, status, lease, events))
     log.info("build %s: %s", build_id, status)
-    if loaded.wants_events:
-        # Checked when the build was loaded: a webhook added while it ran is told from the next build on.
-        notify.on_build_finished(ctx, build_id, status)
     return status
 
 
-def _finish(session, reporter: DatabaseReporter, status: Status, lease: Lease) -> None:
+def _finish(session, reporter: DatabaseReporter, status: Status, lease: Lease, events: WorkerContext | None = None) -> None:
+    """The final write; with `events`, the build's finished notifications are recorded in the same transaction."""
     if not reporter.finish(session.connection(), status, lease):
         log.error("build %s: lease lost before the final write; another worker owns it", lease.build_id)
         raise _LeaseLost()  # rolls the transaction back
+    if events is not None:
+        notify.record_build_finished(events, session, lease.build_id)
 
 
 def remove_artifact_files(ctx: WorkerContext, session, build_id: int) -> None:

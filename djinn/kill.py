@@ -1,7 +1,14 @@
-"""Kill over Redis, upstream's wire protocol: PUBLISH kill-<build id> <build secret>."""
+"""Killing builds.
+
+A running build is killed over Redis, upstream's wire protocol: PUBLISH
+kill-<build id> <build secret>. A queued build has no worker listening yet, so
+its kill is settled in the database instead (settle_queued_kill): the claim
+never starts a build that is no longer queued.
+"""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import threading
@@ -9,14 +16,61 @@ import time
 from typing import Callable
 
 import redis
+from sqlalchemy import func, update
+from sqlalchemy.orm import Session
 
 from djinn.config import RedisSettings
+from djinn.models import Build, BuildJob
+from djinn.status import Status
 
 log = logging.getLogger(__name__)
 
+CHANNEL_PREFIX = "kill-"
+#: How long a kill for a build this process does not watch (yet) is remembered: it
+#: may have been sent between the build's claim and the start of its kill watch.
+EARLY_KILL_SECONDS = 60.0
+EARLY_KILL_LIMIT = 1000
+#: Payloads kept per build, so messages with wrong payloads cannot push out the real one.
+EARLY_KILL_PAYLOADS = 8
+
 
 def kill_channel(build_id: int) -> str:
-    return f"kill-{build_id}"
+    return f"{CHANNEL_PREFIX}{build_id}"
+
+
+def channel_build_id(channel: bytes | str) -> int | None:
+    """The build id of a canonical kill channel (`kill-7`), else None (`kill-007`, `kill- 7`, `kill-7x`)."""
+    name = channel.decode("utf-8", "replace") if isinstance(channel, bytes) else channel
+    digits = name[len(CHANNEL_PREFIX):] if name.startswith(CHANNEL_PREFIX) else ""
+    if not digits.isascii() or not digits.isdigit() or (digits != "0" and digits.startswith("0")):
+        return None
+    return int(digits)
+
+
+def settle_queued_kill(session: Session, build_id: int) -> bool:
+    """End a build that is still queued as `killed`, its jobs with it; False when it is not queued.
+
+    One conditional UPDATE: a worker claiming the build at the same moment either
+    claimed it first (then this returns False and the kill goes over Redis) or
+    finds it killed and does not start it.
+    """
+    settled = session.execute(
+        update(Build)
+        .where(Build.id == build_id, Build.status == Status.QUEUED.value)
+        .values(status=Status.KILLED.value, finished_at=func.now(), worker=None, heartbeat_at=None)
+        .returning(Build.id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if settled is None:
+        return False
+    # Jobs that never ran end with the build's status (SPEC section 3); they never started.
+    session.execute(
+        update(BuildJob)
+        .where(BuildJob.build_id == build_id, BuildJob.status.in_([Status.QUEUED.value, Status.RUNNING.value]))
+        .values(status=Status.KILLED.value, finished_at=func.now())
+        .execution_options(synchronize_session=False)
+    )
+    return True
 
 
 def redis_client(settings: RedisSettings, **kwargs) -> redis.Redis:
@@ -40,6 +94,8 @@ class _Hub:
     def __init__(self, settings: RedisSettings) -> None:
         self.settings = settings
         self.watches: dict[int, tuple[bytes, Callable[[], None]]] = {}
+        # Kills heard for builds not watched here (yet): build id -> [(payload, when)].
+        self.early: dict[int, list[tuple[bytes, float]]] = {}
         self.subscribed = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="kill-listener", daemon=True)
@@ -48,21 +104,44 @@ class _Hub:
     def watch(self, build_id: int, secret: bytes, on_kill: Callable[[], None]) -> None:
         with self._lock:
             self.watches[build_id] = (secret, on_kill)
+            early = self.early.pop(build_id, [])
+        now = time.monotonic()
+        if any(now - at < EARLY_KILL_SECONDS and hmac.compare_digest(data, secret) for data, at in early):
+            log.info("build %s: kill received before the build's kill watch started", build_id)
+            self._fire(build_id, on_kill)
 
     def unwatch(self, build_id: int) -> None:
         with self._lock:
             self.watches.pop(build_id, None)
 
     def _deliver(self, channel: bytes, data: bytes) -> None:
-        try:
-            build_id = int(channel.decode().removeprefix("kill-"))
-        except ValueError:
+        build_id = channel_build_id(channel)
+        if build_id is None:
+            log.info("kill message on channel %r ignored: not kill-<build id>", channel.decode("utf-8", "replace")[:80])
             return
         with self._lock:
             watch = self.watches.get(build_id)
-        if watch is not None and data == watch[0]:
+            if watch is None:
+                self._remember_early(build_id, data)
+                return
+        if hmac.compare_digest(data, watch[0]):
             log.info("build %s: kill received", build_id)
-            threading.Thread(target=watch[1], name=f"kill-{build_id}", daemon=True).start()
+            self._fire(build_id, watch[1])
+
+    def _remember_early(self, build_id: int, data: bytes) -> None:
+        """Keep a kill for a build not watched here; called with the lock held."""
+        now = time.monotonic()
+        if build_id not in self.early and len(self.early) >= EARLY_KILL_LIMIT:
+            expired = [b for b, heard in self.early.items() if now - heard[-1][1] >= EARLY_KILL_SECONDS]
+            for old in expired or [next(iter(self.early))]:
+                del self.early[old]
+        heard = self.early.setdefault(build_id, [])
+        if len(heard) < EARLY_KILL_PAYLOADS:
+            heard.append((data, now))
+
+    @staticmethod
+    def _fire(build_id: int, on_kill: Callable[[], None]) -> None:
+        threading.Thread(target=on_kill, name=f"kill-{build_id}", daemon=True).start()
 
     def _run(self) -> None:
         while True:

@@ -125,3 +125,32 @@ class BuildNotification(Base):
         UniqueConstraint("build_id", "kind"),
         Index("ix_build_notifications_kind_state", "kind", "state"),
     )
+
+
+class NotificationOutbox(Base):
+    """A commit status or webhook delivery owed for a build event, sent from this record (djinn.notify.outbox).
+
+    state pending -> sending -> sent, back to pending (due later) after a failed
+    attempt, `failed` when the attempts are used up. `body` and `event_id` are
+    the webhook payload fixed when the event happened, so every attempt sends
+    the same bytes.
+    """
+
+    __tablename__ = "notification_outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # status or webhook
+    event: Mapped[str] = mapped_column(String(32))  # build.started or build.finished
+    webhook_id: Mapped[Optional[int]] = mapped_column(ForeignKey("namespace_webhooks.id", ondelete="CASCADE"))
+    event_id: Mapped[Optional[uuid.UUID]] = mapped_column(Uuid)
+    body: Mapped[Optional[str]] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(32), default="pending", server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    due_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    sent_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_notification_outbox_state_due_at", "state", "due_at"),)

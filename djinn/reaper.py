@@ -43,16 +43,32 @@ def reap(ctx: WorkerContext) -> list[int]:
 
 
 def sweep_leftovers(ctx: WorkerContext) -> list[str]:
-    """At start-up: remove what builds no live worker runs left in the driver (containers, volumes)."""
-    if ctx.config.driver != "docker":
-        return []
-    from djinn.drivers.docker import sweep
+    """At start-up: remove what builds no live worker runs left behind in the driver.
 
-    with ctx.sessions() as session:
-        live = {str(b.id) for b in session.scalars(
-            select(Build).where(Build.status == Status.RUNNING.value, Build.heartbeat_at >= func.now() - ctx.stale_after)
-        )}
-    removed = sweep(ctx.drivers.settings_for("docker"), keep=live)
+    docker: containers and volumes of builds not running with a fresh heartbeat
+    (the engine may be shared by several hosts); os: build directories and the
+    processes still running in them, qemu: VMs and their overlay directories,
+    each when the worker process that made them is gone (djinn.drivers.leftovers).
+    """
+    kind = "qemu" if ctx.config.driver == "qemu-x86_64" else ctx.config.driver
+    if kind == "docker":
+        from djinn.drivers.docker import sweep
+
+        with ctx.sessions() as session:
+            live = {str(b.id) for b in session.scalars(
+                select(Build).where(Build.status == Status.RUNNING.value, Build.heartbeat_at >= func.now() - ctx.stale_after)
+            )}
+        removed = sweep(ctx.drivers.settings_for("docker"), keep=live)
+    elif kind == "os":
+        from djinn.drivers.os import sweep as sweep_os
+
+        removed = sweep_os()
+    elif kind == "qemu":
+        from djinn.drivers.qemu import sweep as sweep_qemu
+
+        removed = sweep_qemu()
+    else:
+        return []
     for item in removed:
         log.warning("removed leftover %s of a build that no longer runs", item)
     return removed

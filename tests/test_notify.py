@@ -420,26 +420,127 @@ def test_github_commit_status_for_pull_request_builds(worker_env, http_recorder)
     assert worker_env.sql("SELECT state FROM build_notifications WHERE build_id = :id AND kind = 'status'", id=failed) == [("failed",)]
 
 
-def test_late_status_posts_the_final_state_once(worker_env, http_recorder):
-    """With every pool slot busy, the start status runs after the build: it posts the final state, once."""
+def test_statuses_and_webhooks_do_not_wait_behind_builds(worker_env, http_recorder):
+    """With every pool slot taken by a long build, its start status and webhook still go out at once."""
     from celery import Celery
 
     ids = team(worker_env)
     provider_id, repo_id = provider_rows(worker_env, "github", owner=ids["alice"])
+    insert(worker_env, "namespace_webhooks", user_id=ids["alice"], author_id=ids["alice"], namespace_id=ids["ns"],
+           payload_url=f"{http_recorder.url}/hooks/app", secret=None, ssl=True, events=(1 << 1) | (1 << 2), active=True)
     worker_env.write_config(parallelism=1, extra=f'provider github {{\n    endpoint "{http_recorder.url}"\n}}\n')
     worker_env.start_worker()
     sha = "abcabcabcabcabcabcabcabcabcabcabcabcabca"
-    build_id = submit_build(worker_env, SLOW_FAIL, username="alice", trigger=pull_trigger(provider_id, repo_id, sha))
-    worker_env.wait_status(build_id)
+    build_id = submit_build(worker_env, SLEEPY, username="alice", trigger=pull_trigger(provider_id, repo_id, sha),
+                            secrets={"TOKEN": SECRET})
     path = f"/repos/team/app/statuses/{sha}"
-    (request,) = http_recorder.wait(1, path)
-    assert request.json()["state"] == "failure"
-    # More late or duplicate status tasks post nothing new.
+    (status,) = http_recorder.wait(1, path, timeout=60)
+    (hook,) = http_recorder.wait(1, "/hooks/app", timeout=60)
+    # Both arrived while the build (sleep 60) still holds the only pool slot.
+    assert worker_env.status(build_id)["status"] == "running"
+    assert status.json()["state"] == "pending" and hook.json()["status"] == "running"
+    worker_env.cli("kill", str(build_id))
+    assert worker_env.wait_status(build_id)["status"] == "killed"
+    statuses = http_recorder.wait(2, path)
+    assert [r.json()["state"] for r in statuses] == ["pending", "failure"]
+    hooks = http_recorder.wait(2, "/hooks/app")
+    assert [r.headers["X-Djinn-CI-Event"] for r in hooks] == ["build.started", "build.finished"]
+    assert wait_outbox(worker_env, build_id, lambda rows: rows and all(r[2] == "sent" for r in rows)) == [
+        ("status", "build.started", "sent", 1), ("status", "build.finished", "sent", 1),
+        ("webhook", "build.started", "sent", 1), ("webhook", "build.finished", "sent", 1),
+    ]
+    # Status tasks an older worker queued (or duplicates) post nothing new.
     app = Celery(broker=worker_env.redis.url)
     for _ in range(2):
         app.send_task("djinn.set_commit_status", args=[build_id], queue="builds_os")
-    time.sleep(3)
-    assert len(http_recorder.received(path)) == 1
+    deadline = time.monotonic() + 30
+    while (worker_env.root / "worker.log").read_text().count("nothing to do: killed was already posted") < 2:
+        assert time.monotonic() < deadline, worker_env.log_tail()
+        time.sleep(0.2)
+    assert len(http_recorder.received(path)) == 2
+
+
+def outbox(env, build_id: int):
+    return env.sql("SELECT kind, event, state, attempts FROM notification_outbox WHERE build_id = :id ORDER BY kind, id", id=build_id)
+
+
+def wait_outbox(env, build_id: int, done, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = outbox(env, build_id)
+        if done(rows):
+            return rows
+        time.sleep(0.2)
+    raise AssertionError(f"outbox of build {build_id}: {outbox(env, build_id)}; log:\n{env.log_tail()}")
+
+
+def test_status_and_webhook_survive_redis_down_when_the_build_finishes(worker_env, http_recorder, redis_server):
+    """Recorded with the build's final write and sent from the record: the broker plays no part."""
+    ids = team(worker_env)
+    provider_id, repo_id = provider_rows(worker_env, "github", owner=ids["alice"])
+    insert(worker_env, "namespace_webhooks", user_id=ids["alice"], author_id=ids["alice"], namespace_id=ids["ns"],
+           payload_url=f"{http_recorder.url}/hooks/app", secret=cipher().encrypt(b"whsec-2"), ssl=True,
+           events=1 << 2, active=True)
+    worker_env.write_config(extra=f'provider github {{\n    endpoint "{http_recorder.url}"\n}}\n')
+    worker_env.start_worker()
+    sha = "5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e"
+    path = f"/repos/team/app/statuses/{sha}"
+    build_id = submit_build(worker_env, "namespace: team/app\ndriver: {type: os}\nstages: [a]\njobs:\n"
+                                        "  - {stage: a, commands: ['sleep 4', 'exit 1']}\n",
+                            username="alice", trigger=pull_trigger(provider_id, repo_id, sha))
+    http_recorder.wait(1, path, timeout=60)  # running
+    http_recorder.answer("/hooks/app", 503)  # and the receiver fails once: retried from the record
+    redis_server.stop()
+    try:
+        deadline = time.monotonic() + 60
+        while worker_env.sql("SELECT status FROM builds WHERE id = :id", id=build_id)[0][0] != "failed":
+            assert time.monotonic() < deadline, worker_env.log_tail()
+            time.sleep(0.2)
+        statuses = http_recorder.wait(2, path, timeout=60)
+        hooks = http_recorder.wait(2, "/hooks/app", timeout=60)
+    finally:
+        redis_server.start()
+    assert [r.json()["state"] for r in statuses] == ["pending", "failure"]
+    assert [r.headers["X-Djinn-CI-Event"] for r in hooks] == ["build.finished", "build.finished"]
+    assert hooks[0].body == hooks[1].body and json.loads(hooks[1].body)["status"] == "failed"
+    assert hooks[1].headers["X-Djinn-CI-Signature"] == "sha256=" + hmac.new(b"whsec-2", hooks[1].body, hashlib.sha256).hexdigest()
+    rows = wait_outbox(worker_env, build_id, lambda rows: len(rows) == 3 and all(r[2] == "sent" for r in rows))
+    assert rows == [("status", "build.started", "sent", 1), ("status", "build.finished", "sent", 1),
+                    ("webhook", "build.finished", "sent", 2)]
+    # The worker goes on once the broker is back, and nothing is sent twice.
+    after = submit_build(worker_env, PASSING.replace("namespace: team/app\n", ""), username="alice")  # no webhooks
+    assert worker_env.wait_status(after, timeout=60)["status"] == "passed"
+    assert len(http_recorder.received(path)) == 2 and len(http_recorder.received("/hooks/app")) == 2
+
+
+def test_outbox_row_left_sending_by_a_dead_worker_is_sent_again(worker_env, http_recorder):
+    """A worker that died mid-send leaves its row `sending`; another worker's dispatcher sends it later."""
+    from djinn.notify import outbox as outbox_module
+
+    ids = team(worker_env)
+    hook = insert(worker_env, "namespace_webhooks", user_id=ids["alice"], author_id=ids["alice"], namespace_id=ids["ns"],
+                  payload_url=f"{http_recorder.url}/hooks/app", secret=None, ssl=True, events=1 << 2, active=True)
+    build_id = submit_build(worker_env, PASSING, username="alice")
+    worker_env.sql("UPDATE builds SET status = 'passed', finished_at = now() WHERE id = :id", id=build_id)  # ran elsewhere
+    stale = outbox_module.SENDING_STALE.total_seconds()
+    worker_env.sql(
+        "INSERT INTO notification_outbox (build_id, kind, event, webhook_id, event_id, body, state, attempts, updated_at) "
+        "VALUES (:b, 'webhook', 'build.finished', :h, gen_random_uuid(), '{\"id\": 1}', 'sending', 1, "
+        "now() - make_interval(secs => :stale + 1))",
+        b=build_id, h=hook, stale=stale,
+    )
+    # Done rows are kept a week, then deleted.
+    worker_env.sql("INSERT INTO notification_outbox (build_id, kind, event, state, updated_at) VALUES "
+                   "(:b, 'status', 'build.started', 'sent', now() - interval '8 days'), "
+                   "(:b, 'status', 'build.finished', 'failed', now() - interval '6 days')", b=build_id)
+    worker_env.start_worker()
+    (request,) = http_recorder.wait(1, "/hooks/app", timeout=60)
+    assert request.body == b'{"id": 1}'
+    assert worker_env.sql("SELECT event, state FROM notification_outbox WHERE kind = 'status'") == [("build.finished", "failed")]
+    rows = wait_outbox(worker_env, build_id, lambda rows: any(r[0] == "webhook" and r[2] == "sent" for r in rows))
+    assert ("webhook", "build.finished", "sent", 2) in rows
+    (redelivery,) = worker_env.sql("SELECT redelivery FROM namespace_webhook_deliveries WHERE webhook_id = :h", h=hook)[0]
+    assert redelivery is True
 
 
 def test_gitlab_commit_status_states_and_retry(worker_env, http_recorder):

@@ -297,14 +297,29 @@ def cmd_logs(argv: Sequence[str]) -> int:
 
 
 def cmd_kill(argv: Sequence[str]) -> int:
-    parser = _build_id_parser("kill", "Kill a running build (publishes its secret on the kill-<ID> Redis channel).")
+    parser = _build_id_parser(
+        "kill", "Kill a build: a queued one is marked killed at once, a running one gets its secret on the kill-<ID> Redis channel."
+    )
     args = parser.parse_args(argv)
-    from djinn.kill import publish_kill
+    from djinn import notify
+    from djinn.db import transaction
+    from djinn.kill import publish_kill, settle_queued_kill
+    from djinn.status import Status
 
     ctx = _context(args.config)
-    with ctx.sessions() as session:
+    with transaction(ctx.sessions) as session:
         build = _get_build(session, args.id)
         secret, status = build.secret, build.status
+        settled = status == "queued" and settle_queued_kill(session, args.id)
+        if settled:
+            notify.record_build_finished(ctx, session, args.id)  # its commit status and webhooks
+    if settled:
+        if ctx.config.smtp is not None:
+            # Its failure mail, queued now; the workers' mail sweep covers a broker outage, and
+            # without an smtp block here it owes the mail itself (djinn.notify.sweep).
+            notify.on_build_failed(ctx, args.id, Status.KILLED)
+        print(f"build {args.id} was queued: marked killed, it will not run")
+        return 0
     if status not in ("queued", "running"):
         raise DjinnError(f"build {args.id} is already {status}")
     listeners = publish_kill(ctx.config.redis, args.id, secret or "")

@@ -18,10 +18,13 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Iterator, Mapping
 
+from djinn.drivers import leftovers
 from djinn.drivers.base import Driver, Output
 from djinn.errors import DriverError
 from djinn.paths import resolve_inside
 
+#: Build directories are <tmp>/djinn-build-*, each with an owner marker (djinn.drivers.leftovers).
+DIR_PREFIX = "djinn-build-"
 READ_SIZE = 1 << 20
 # After a job's shell exits, how long its leftover children may keep the output pipe open.
 DRAIN_SECONDS = 2.0
@@ -48,7 +51,8 @@ class OSDriver(Driver):
         return self.root / "workspace"
 
     def create(self, env: Mapping[str, str], log: Output) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="djinn-build-"))
+        self.root = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
+        leftovers.write_marker(self.root, self.settings)
         (self.root / "workspace").mkdir()
         (self.root / "scripts").mkdir()
         base = {k: os.environ[k] for k in INHERITED if k in os.environ}
@@ -150,6 +154,15 @@ class OSDriver(Driver):
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
+
+
+def sweep(root: str | None = None) -> list[str]:
+    """Remove build directories (and processes still running in them) whose worker process is gone.
+
+    A worker calls it at start-up; a directory whose owner process is alive is
+    never touched (djinn.drivers.leftovers).
+    """
+    return leftovers.sweep(DIR_PREFIX, "build directory", root)
 
 
 DRIVER = OSDriver

@@ -30,11 +30,14 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping
 
+from djinn.drivers import leftovers
 from djinn.drivers.base import Driver, Output
 from djinn.drivers.ssh import SSHDriver, parse_timeout
 from djinn.errors import DriverError
 
 ARCH = "x86_64"
+#: Per-build directories (QEMU's log and snapshot overlay) are <tmp>/djinn-qemu-*, with an owner marker.
+DIR_PREFIX = "djinn-qemu-"
 QEMU = f"qemu-system-{ARCH}"
 DEFAULT_DISKS = "/var/lib/djinn/images"
 DEFAULT_CPUS = 1
@@ -238,7 +241,8 @@ class QEMUDriver(Driver):
             f"Running with QEMU driver...\nBooting machine with image {self.image} "
             f"({self.accel}, {self.cpus} CPU{'s' if self.cpus != 1 else ''}, {self.memory} MiB)...\n".encode()
         )
-        self.workdir = Path(tempfile.mkdtemp(prefix="djinn-qemu-"))
+        self.workdir = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
+        leftovers.write_marker(self.workdir, self.settings)
         self.log_path = self.workdir / "qemu.log"
         try:
             self._boot(path, deadline, env)
@@ -314,6 +318,9 @@ class QEMUDriver(Driver):
                     start_new_session=True,
                 )
                 self.pid = self._process.pid
+                # Which process is the VM, for the start-up sweep after a crash (djinn.drivers.leftovers).
+                vm = leftovers.identity(self.pid)
+                leftovers.write_marker(self.workdir, self.settings, vm_pid=vm["pid"], vm_started=vm["started"])
             process = self._process
             while True:
                 if process.poll() is not None:
@@ -440,6 +447,28 @@ class QEMUDriver(Driver):
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+
+
+def _kill_stale_vm(directory: Path, owner: dict[str, Any]) -> list[str]:
+    """Kill the VM a dead worker left running for `directory`, if it is still that process."""
+    pid, started = owner.get("vm_pid"), owner.get("vm_started")
+    if not leftovers.same_process(pid, started):
+        return []
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return []
+    return [f"{QEMU} process {pid} of build {owner.get('build_id') or '?'}"]
+
+
+def sweep(root: str | None = None) -> list[str]:
+    """Kill VMs and remove overlay directories whose worker process is gone.
+
+    A worker calls it at start-up; a directory whose owner process is alive is
+    never touched (djinn.drivers.leftovers). A VM normally dies with its worker,
+    through setpriv --pdeathsig; this covers hosts without setpriv.
+    """
+    return leftovers.sweep(DIR_PREFIX, "VM directory", root, before_remove=_kill_stale_vm)
 
 
 DRIVER = QEMUDriver

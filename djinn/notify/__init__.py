@@ -1,13 +1,16 @@
 """Telling people about builds: failure mail (SPEC 6), commit statuses and webhooks (SPEC 7).
 
-The hooks below are called where a build starts and ends. They only read a few
-rows and queue tasks (djinn.notify.tasks) on the worker's own queue, and they
-never raise: a notification that cannot be queued is logged, it must not fail
-or hold up the build. The failure mail is the exception that is also kept in
-the database (djinn.notify.mail), so it is never lost.
+The hooks below are called where a build starts and ends, and never raise: a
+notification that cannot be recorded is logged, it must not fail or hold up the
+build. Everything owed is kept in the database first, so a broker outage loses
+nothing: failure mail in build_notifications (djinn.notify.mail, sent by Celery
+tasks and a sweep), commit statuses and webhooks in notification_outbox
+(djinn.notify.outbox, sent by each worker's dispatcher thread, outside the
+build pool).
 
-- on_build_started / on_build_finished: from djinn.execute.run_build right after
-  the claim and right after the final write, for builds that want events.
+- on_build_started: from djinn.execute.run_build right after the claim, for
+  builds that want events; record_build_finished: inside the transaction of
+  the build's final write, so the event is recorded exactly when the build ends.
 - on_build_failed: from the build task's Celery failure hook
   (djinn.tasks.build), once the build's rows are final.
 - on_worker_error / on_task_error: a bug in the worker, mailed to `smtp.admin`
@@ -21,11 +24,9 @@ import traceback
 from typing import Any, Callable, TypeVar
 
 from djinn.notify.common import (
-    DELIVER_WEBHOOK,
     FAILED,
     SEND_ADMIN_MAIL,
     SEND_FAILURE_MAIL,
-    SET_COMMIT_STATUS,
     build_url,
     host,
     log,
@@ -38,10 +39,10 @@ __all__ = [
     "build_url",
     "host",
     "on_build_failed",
-    "on_build_finished",
     "on_build_started",
     "on_task_error",
     "on_worker_error",
+    "record_build_finished",
 ]
 
 F = TypeVar("F", bound=Callable[..., None])
@@ -60,41 +61,31 @@ def _never_raises(fn: F) -> F:
 
 # SQL: whether build `b` has anyone to tell about its events (a pull request or a
 # namespace webhook). Most builds have neither: djinn.execute reads this when it
-# loads a build and calls on_build_started / on_build_finished only when true.
+# loads a build and calls on_build_started / record_build_finished only when true.
 WANTS_EVENTS = """
     EXISTS (SELECT 1 FROM build_triggers t WHERE t.build_id = b.id AND t.type = 'pull')
     OR EXISTS (SELECT 1 FROM namespace_webhooks w WHERE w.namespace_id = b.namespace_id)
 """
 
 
-def _build_events(ctx: Any, build_id: int, event: str) -> None:
-    """Queue the commit status and the webhook deliveries for a build event."""
-    from djinn.models import Build
-    from djinn.notify.statuses import wants_status
-    from djinn.notify.webhooks import event_payloads
-
-    with ctx.sessions() as session:
-        build = session.get(Build, build_id)
-        if build is None:
-            return
-        status = wants_status(build.trigger)
-        deliveries = event_payloads(ctx, session, build_id, event)
-    if status:
-        send_task(ctx, SET_COMMIT_STATUS, build_id)
-    for webhook_id, name, event_id, body in deliveries:
-        send_task(ctx, DELIVER_WEBHOOK, webhook_id, name, event_id, body)
-
-
 @_never_raises
 def on_build_started(ctx: Any, build_id: int) -> None:
-    """The build was claimed and is running: commit status and `build.started` webhooks."""
-    _build_events(ctx, build_id, "build.started")
+    """The build was claimed and is running: record its commit status and `build.started` webhooks."""
+    from djinn.db import transaction
+    from djinn.notify.outbox import record_event
+
+    with transaction(ctx.sessions) as session:
+        record_event(ctx, session, build_id, "build.started")
 
 
-@_never_raises
-def on_build_finished(ctx: Any, build_id: int, status: Status) -> None:
-    """The build's rows are final: commit status and `build.finished` webhooks."""
-    _build_events(ctx, build_id, "build.finished")
+def record_build_finished(ctx: Any, session: Any, build_id: int) -> int:
+    """The build's final rows are being written in `session`: record its `build.finished` notifications with them.
+
+    Raises like any other statement of that transaction (it is part of it).
+    """
+    from djinn.notify.outbox import record_event
+
+    return record_event(ctx, session, build_id, "build.finished")
 
 
 @_never_raises

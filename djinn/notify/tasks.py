@@ -1,8 +1,13 @@
-"""The notification tasks and the mail sweep: the Celery edge of djinn.notify.
+"""The notification tasks, the mail sweep and the outbox dispatcher: the Celery edge of djinn.notify.
 
-All run on the worker's own queue (djinn.notify.common.send_task) and retry with
-exponential backoff while the other side is away; a retry is a new message with
-a countdown, so a waiting mail holds no pool process.
+The mail tasks run on the worker's own queue (djinn.notify.common.send_task) and
+retry with exponential backoff while the SMTP server is away; a retry is a new
+message with a countdown, so a waiting mail holds no pool process.
+
+Commit statuses and webhooks are sent by the outbox dispatcher
+(djinn.notify.outbox) in the main process, started here when the worker is
+ready. The set_commit_status and deliver_webhook tasks stay registered for
+messages an older worker queued; nothing queues them any more.
 """
 
 from __future__ import annotations
@@ -100,15 +105,18 @@ def deliver_webhook(self, webhook_id: int, event: str, event_id: str, body: str)
 
 
 _sweeper = None
+_dispatcher = None
 
 
 @worker_ready.connect
-def start_mail_sweep(**_) -> None:
-    """Workers that mail also look for mail a dead worker left owed (djinn.notify.sweep)."""
-    global _sweeper
+def start_notifiers(**_) -> None:
+    """Every worker sends due commit statuses and webhooks; workers that mail also sweep for owed mail."""
+    global _sweeper, _dispatcher
+    from djinn.notify.outbox import Dispatcher
     from djinn.notify.sweep import Sweeper, sweep
 
     ctx = context.current()
+    _dispatcher = Dispatcher(ctx).start()
     if ctx.config.smtp is None:
         return
     try:
@@ -119,6 +127,8 @@ def start_mail_sweep(**_) -> None:
 
 
 @worker_shutdown.connect
-def stop_mail_sweep(**_) -> None:
+def stop_notifiers(**_) -> None:
     if _sweeper is not None:
         _sweeper.stop()
+    if _dispatcher is not None:
+        _dispatcher.stop()

@@ -1,0 +1,126 @@
+"""Owner markers on build directories, so a worker starting up can remove what a killed one left.
+
+The os and qemu drivers make a temporary directory per build. Each gets a
+marker file saying which build it is for and which process made it (pid and
+the process's start time, so a recycled pid is not mistaken for the owner),
+and, for qemu, which process is the VM. The process that made the directory is
+the one running the build in it, so a directory is stale exactly when that
+process is gone: no live worker runs a build from it (a rerun elsewhere, or on
+this host, makes a directory of its own). The database cannot say more: a
+worker restarted seconds after being killed still sees its build's heartbeat
+as fresh. The sweep kills what still runs for a stale directory and removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+MARKER = "djinn-owner.json"
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat), or None when there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    fields = stat[stat.rfind(b")") + 2:].split()
+    try:
+        return int(fields[19])  # field 22 of the line
+    except (IndexError, ValueError):
+        return None
+
+
+def same_process(pid: Any, started: Any) -> bool:
+    """Whether `pid` is still the process that had start time `started` (not a recycled pid)."""
+    return isinstance(pid, int) and pid > 0 and started is not None and process_start(pid) == started
+
+
+def identity(pid: int) -> dict[str, Any]:
+    return {"pid": pid, "started": process_start(pid)}
+
+
+def write_marker(directory: Path, settings: dict[str, Any], **extra: Any) -> None:
+    """Record in `directory` which build and which process (this one) it belongs to."""
+    owner = {
+        "build_id": str(settings["build_id"]) if settings.get("build_id") else None,
+        "worker": settings.get("worker"),
+        "host": socket.gethostname(),
+        **identity(os.getpid()),
+        **extra,
+    }
+    temporary = directory / f".{MARKER}.tmp"
+    temporary.write_text(json.dumps(owner))
+    temporary.replace(directory / MARKER)
+
+
+def read_marker(directory: Path) -> dict[str, Any] | None:
+    try:
+        owner = json.loads((directory / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def stale_dirs(prefix: str, root: str | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Marked directories `<tmp>/<prefix>*` of this host whose owner process is gone.
+
+    Directories without a marker (made by an older version, or not ours) are left alone.
+    """
+    base = Path(root or tempfile.gettempdir())
+    host = socket.gethostname()
+    try:
+        candidates = sorted(p for p in base.iterdir() if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink())
+    except OSError:
+        return
+    for directory in candidates:
+        owner = read_marker(directory)
+        if owner is None or owner.get("host") != host:
+            continue
+        if same_process(owner.get("pid"), owner.get("started")):
+            continue
+        yield directory, owner
+
+
+def kill_processes_in(directory: Path) -> list[int]:
+    """SIGKILL every process whose working directory is `directory` or below it (a job left running)."""
+    inside = str(directory.resolve())
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        cwd = cwd.removesuffix(" (deleted)")
+        if cwd == inside or cwd.startswith(inside + "/"):
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return killed
+
+
+def sweep(prefix: str, what: str, root: str | None = None,
+          before_remove: Callable[[Path, dict[str, Any]], list[str]] | None = None) -> list[str]:
+    """Remove the stale directories `stale_dirs` finds (and the processes still running in them); says what went."""
+    removed: list[str] = []
+    for directory, owner in stale_dirs(prefix, root):
+        if before_remove is not None:
+            removed += before_remove(directory, owner)
+        for pid in kill_processes_in(directory):
+            removed.append(f"process {pid} of build {owner.get('build_id') or '?'}")
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(f"{what} {directory} of build {owner.get('build_id') or '?'}")
+    return removed
