@@ -183,3 +183,21 @@ def test_syntax_error_in_driver_file(tmp_path):
     res = check(tmp_path, CONFIG.format(driver="docker"), drivers="driver docker {\n\thost \"unterminated\n}\n")
     assert res.returncode == 2
     assert "driver.conf:2:" in res.stderr
+
+
+def test_overflow_and_deep_nesting_are_one_line_exit_2(tmp_path):
+    base = CONFIG.format(driver="docker")
+    cases = [
+        (base.replace("timeout 45m", "timeout 99999999999999999999d"), "worker.conf:6: invalid duration '99999999999999999999d': unit 'd'"),
+        (base.replace("timeout 45m", "timeout 99999999999999999999h"), "worker.conf:6: duration 99999999999999999999h is out of range"),
+        (base.replace("limit 10MB", "limit " + "9" * 400 + "MB"), "worker.conf:40: size 9999"),
+        (base.replace("limit 10MB", "limit " + "9" * 400), "worker.conf:40: integer 9999"),
+        (base.replace("parallelism 3", "parallelism " + "7" * 5000), "worker.conf:4: integer 7777"),
+        (base + "deep " + "{ x " * 10000 + "}" * 10000 + "\n", "worker.conf:47: blocks and arrays are nested more than 64 deep"),
+    ]
+    for config, message in cases:
+        res = check(tmp_path, config)
+        assert res.returncode == 2, res.stdout
+        assert res.stdout == ""
+        assert res.stderr.startswith(f"djinn-worker: {message}"), res.stderr[:300]
+        assert len(res.stderr.splitlines()) == 1 and len(res.stderr) < 400
