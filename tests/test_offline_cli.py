@@ -200,3 +200,20 @@ def test_secret_named_alone_takes_its_value_from_the_environment(tmp_path):
     assert res.stderr == "djinn: -secret UNSET_TOKEN_FOR_TEST: no '=' and no environment variable UNSET_TOKEN_FOR_TEST to take the value from\n"
     res = djinn("-env", "NOEQUALS", cwd=tmp_path)
     assert res.returncode == 2 and res.stderr == "djinn: -env 'NOEQUALS': expected KEY=VALUE\n"
+
+
+def test_closed_output_pipe_ends_quietly_and_the_build_still_finishes(tmp_path):
+    write(
+        tmp_path / ".djinn.yml",
+        "driver: {type: os}\nstages: [a]\njobs:\n  - stage: a\n    commands:\n"
+        "      - for i in $(seq 1 3000); do echo line $i; done\n      - echo done > out.txt\n"
+        "    artifacts: [out.txt]\n",
+    )
+    proc = subprocess.Popen([DJINN], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"==> Running stage")
+    proc.stdout.close()  # as `djinn | head -1` does
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(120) == 0
+    assert stderr == ""
+    assert (tmp_path / "out.txt").read_text() == "done\n"

@@ -28,18 +28,34 @@ PROG = "djinn"
 
 
 class TerminalReporter(Reporter):
-    """Prints each job's output live under a header naming its stage and job."""
+    """Prints each job's output live under a header naming its stage and job.
+
+    When the reader goes away (`djinn | head`) the build still runs to its end,
+    quietly: its exit status and artifacts do not depend on who reads the output.
+    """
 
     def __init__(self, out: BinaryIO) -> None:
         self.out = out
         self.stage: str | None = None
         self.at_line_start = True
+        self.closed = False
+
+    def _write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self.out.write(data)
+            self.out.flush()
+        except BrokenPipeError:
+            self.closed = True
+            try:
+                # Keep the interpreter's final flush of stdout from failing again.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
+            except (OSError, ValueError):
+                pass
 
     def _line(self, text: str) -> None:
-        if not self.at_line_start:
-            self.out.write(b"\n")
-        self.out.write(text.encode() + b"\n")
-        self.out.flush()
+        self._write((b"" if self.at_line_start else b"\n") + text.encode() + b"\n")
         self.at_line_start = True
 
     def job_started(self, job: JobPlan) -> None:
@@ -49,8 +65,7 @@ class TerminalReporter(Reporter):
         self._line(f"==> Running job {job.name} ({job.stage})")
 
     def job_output(self, job: JobPlan, data: bytes) -> None:
-        self.out.write(data)
-        self.out.flush()
+        self._write(data)
         self.at_line_start = data.endswith(b"\n")
 
     def job_finished(self, job: JobPlan, status: Status, ran: bool) -> None:
