@@ -156,8 +156,8 @@ def run_daemon(config_path: str, driver_path: str, worker: WorkerConfig, drivers
 _in_use: WorkerConfig | None = None
 
 
-def _context(config_path: str, *, database: bool = True):
-    """The command's WorkerContext; with `database`, PostgreSQL is checked first (exit 1 if down)."""
+def _context(config_path: str):
+    """The command's WorkerContext, PostgreSQL checked first so that a database that is down is exit 1."""
     global _in_use
     from djinn.context import WorkerContext
     from djinn.db import check_connection
@@ -166,8 +166,7 @@ def _context(config_path: str, *, database: bool = True):
     warn(PROG, config.warnings)
     _in_use = config
     ctx = WorkerContext(config, DriverConfig.defaults())
-    if database:
-        check_connection(ctx.engine)
+    check_connection(ctx.engine)
     return ctx
 
 
