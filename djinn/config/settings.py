@@ -609,7 +609,7 @@ def _decode_stores(top: _Section) -> dict[str, StoreSettings]:
             top.warn(pos, f'unknown store "{name}" ignored (known stores: {", ".join(STORES)})')
             continue
         sec = top.labelled_block("store", name, value, pos)
-        sec.check_keys(("type", "path", "limit"))
+        sec.check_keys(("type", "path", "limit"), unused=("name",))
         stores[name] = StoreSettings(
             path=sec.get("path", sec.nonempty_string, f"/var/lib/djinn/{name}"),
             type=sec.get("type", sec.choice(("file",)), "file"),
