@@ -248,7 +248,7 @@ class DockerSettings:
 
 @dataclass(frozen=True)
 class QemuSettings:
-    disks: str = "/var/lib/djinn/images"  # images are <disks>/_base/qemu/x86_64/<image>
+    disks: str = "/var/lib/djinn/images"  # images: <disks>/_base/qemu/x86_64/<image> or <disks>/qemu/x86_64/<image>
     cpus: int = 1
     memory: int = 2048  # MiB
     accel: str = "auto"  # kvm when /dev/kvm works, else tcg
