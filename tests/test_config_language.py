@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
 
 import pytest
 
@@ -51,15 +50,15 @@ def test_hash_inside_string_is_not_a_comment():
     assert parse_text('password "p#ss # word" # real comment\n') == {"password": "p#ss # word"}
 
 
-def test_string_escapes():
-    values = parse_text(r'a "say \"hi\"" ' "\n" r'b "back\\slash\ttab\nnl" ' "\n" r'c "cost \${HOME}"')
-    assert values["a"] == 'say "hi"'
-    assert values["b"] == "back\\slash\ttab\nnl"
-    assert values["c"] == "cost ${HOME}"
+def test_the_only_string_escape_is_a_quote():
+    assert parse_text(r'a "say \"hi\""' "\n") == {"a": 'say "hi"'}
 
 
-def test_unknown_escape_is_an_error_with_line():
-    assert error_of('a 1\nb "bad \\q"\n') == "test.conf:2: unknown escape sequence \\q in string"
+@pytest.mark.parametrize("escape", ["\\\\", "\\n", "\\t", "\\$", "\\q"])
+def test_other_escapes_are_errors_because_upstream_drops_the_backslash(escape):
+    # Upstream reads "a\nb" as "anb" and "a\\b" as "ab": refused so no file means two things.
+    message = error_of(f'a 1\nb "x{escape}y"\n')
+    assert message.startswith(f"test.conf:2: escape {escape} in a string: upstream's config language drops the backslash")
 
 
 def test_semicolon_separates_parameters():
@@ -86,8 +85,6 @@ def test_utf8_labels_and_strings():
         ("60s", td(seconds=60)),
         ("500ms", td(milliseconds=500)),
         ("1.5h", td(minutes=90)),
-        ("2d", td(days=2)),
-        ("10us", td(microseconds=10)),
         ("1m30s", td(seconds=90)),
     ],
 )
@@ -160,7 +157,7 @@ def test_array_missing_comma_is_an_error():
 
 
 def test_unclosed_array_reports_where_it_opened():
-    assert error_of('x 1\nlist [\n  "a",\n  "b"\n') == 'test.conf:2: array opened here is never closed (missing "]")'
+    assert error_of('x 1\nlist [\n  "a",\n  "b",\n') == 'test.conf:2: array opened here is never closed (missing "]")'
 
 
 # --- blocks and labels -----------------------------------------------------
@@ -206,11 +203,11 @@ def test_empty_block_and_bare_label_are_both_empty_blocks():
     assert all(isinstance(v, dict) for v in values["provider"].values())
 
 
-def test_bare_label_inside_block_and_before_closing_brace():
-    assert parse_text("outer {\n\tprovider github\n}\nx { provider gitlab }") == {
-        "outer": {"provider": {"github": {}}},
-        "x": {"provider": {"gitlab": {}}},
-    }
+def test_bare_label_inside_block_needs_its_line_break():
+    assert parse_text("outer {\n\tprovider github\n}\n") == {"outer": {"provider": {"github": {}}}}
+    # Upstream reads a bare label only when the line ends after it.
+    assert error_of("x { provider gitlab }\n").startswith('test.conf:1: "provider gitlab" needs a line break after it')
+    assert error_of('a 1\nprovider github').startswith('test.conf:2: "provider github" needs a line break after it')
 
 
 def test_label_with_literal_value():
@@ -219,11 +216,12 @@ def test_label_with_literal_value():
 
 
 def test_name_followed_by_bool_is_a_value_not_a_label():
-    assert parse_text("debug true\nquiet false") == {"debug": True, "quiet": False}
+    assert parse_text("debug true\nquiet false\n") == {"debug": True, "quiet": False}
 
 
-def test_names_may_contain_dashes():
-    assert parse_text("driver qemu-x86_64 {}") == {"driver": {"qemu-x86_64": {}}}
+def test_names_cannot_contain_dashes_as_upstream():
+    # Upstream scans qemu-x86_64 as qemu, -, x86_64 and fails to decode it.
+    assert error_of("a 1\ndriver qemu-x86_64 {}\n").startswith('test.conf:2: names cannot contain "-"')
 
 
 def test_repeated_key_last_value_wins():
@@ -278,7 +276,10 @@ def test_unquoted_string_value():
 
 
 def test_two_values_on_one_line():
-    assert error_of("a 1\nb 2 3\n") == 'test.conf:2: unexpected integer 3 after the value of "b" (one parameter per line)'
+    assert error_of("a 1\nb 2 3\n") == "test.conf:2: expected a parameter name, got integer 3"
+    assert error_of("a {\n b 2 c 3\n}\n") == 'test.conf:2: expected a line break or "}" before name c (one parameter per line)'
+    # At the top level upstream needs no separator between parameters.
+    assert parse_text('a 1 b "two"\n') == {"a": 1, "b": "two"}
 
 
 def test_unexpected_character():
@@ -373,10 +374,10 @@ def test_include_absolute_path_and_nested_include(tmp_path):
     assert parse_file(tmp_path / "top.conf") == {"leaf": "yes", "mid": 1}
 
 
-def test_include_expands_env(tmp_path):
+def test_include_paths_are_not_expanded_as_upstream(tmp_path):
     (tmp_path / "extra.conf").write_text("extra true\n")
-    values = parse_text('include "${DIR}/extra.conf"', env={"DIR": str(tmp_path)})
-    assert values == {"extra": True}
+    message = error_of('a 1\ninclude "${DIR}/extra.conf"\n', env={"DIR": str(tmp_path)})
+    assert message.startswith('test.conf:2: include "${DIR}/extra.conf": upstream does not expand ${...}')
 
 
 def test_parse_text_includes_relative_to_base_dir(tmp_path):
@@ -389,22 +390,25 @@ def test_include_cycle_is_rejected(tmp_path):
     (tmp_path / "b.conf").write_text('\n\ninclude "a.conf"\n')
     with pytest.raises(ConfigError) as info:
         parse_file(tmp_path / "a.conf")
-    message = str(info.value)
-    assert message.startswith(f"{tmp_path / 'b.conf'}:3: include cycle: ")
-    assert re.search(r"a\.conf -> .*b\.conf -> .*a\.conf$", message)
+    assert str(info.value) == f"{tmp_path / 'b.conf'}:3: cannot include 'a.conf': it is the file being read (upstream refuses a file included twice)"
 
 
 def test_self_include_is_rejected(tmp_path):
     (tmp_path / "self.conf").write_text('include "self.conf"\n')
-    with pytest.raises(ConfigError, match=r"self\.conf:1: include cycle"):
+    with pytest.raises(ConfigError, match=r"self\.conf:1: cannot include 'self.conf': it is the file being read"):
         parse_file(tmp_path / "self.conf")
 
 
-def test_same_file_included_twice_without_cycle_is_fine(tmp_path):
+def test_same_file_included_twice_is_an_error_as_upstream(tmp_path):
     (tmp_path / "common.conf").write_text("common 1\n")
-    (tmp_path / "a.conf").write_text('include "common.conf"\n')
+    (tmp_path / "a.conf").write_text('\ninclude "common.conf"\n')
     (tmp_path / "main.conf").write_text('include ["common.conf", "a.conf"]\n')
-    assert parse_file(tmp_path / "main.conf") == {"common": 1}
+    with pytest.raises(ConfigError) as info:
+        parse_file(tmp_path / "main.conf")
+    assert str(info.value) == (
+        f"{tmp_path / 'a.conf'}:2: cannot include 'common.conf': it is already included at "
+        f"{tmp_path / 'main.conf'}:1 (upstream refuses a file included twice)"
+    )
 
 
 def test_missing_include_names_the_including_line(tmp_path):

@@ -163,13 +163,45 @@ def test_public_dict_is_exact_and_json_able():
         "driver": "docker",
         "queue": "builds_docker",
         "timeout": 2700,
-        "providers": ["github", "gitlab"],
-        "database": {"addr": "db.internal:5433", "name": "djinn", "username": "djinn_worker"},
-        "redis": {"addr": "redis.internal:6380"},
-        "smtp": {"addr": "smtp.example.com:587", "admin": "noreply@djinn-ci.com", "username": "postmaster@example.com"},
+        "orphan_timeout": 300,
+        "metrics": "127.0.0.1:9100",
+        "host": None,
+        "providers": {
+            "github": {
+                "endpoint": "https://github.example.com/api/v3",
+                "oauth2_endpoint": None,
+                "client_id": "id-123",
+                "secret_set": False,
+                "client_secret_set": True,
+            },
+            "gitlab": {
+                "endpoint": "https://gitlab.com/api/v4",
+                "oauth2_endpoint": None,
+                "client_id": None,
+                "secret_set": False,
+                "client_secret_set": False,
+            },
+        },
+        "crypto_set": True,
+        "database": {
+            "addr": "db.internal:5433",
+            "name": "djinn",
+            "username": "djinn_worker",
+            "password_set": True,
+            "tls": {"ca": "/var/lib/ssl/ca.crt", "cert": "/var/lib/ssl/client.crt", "key": "/var/lib/ssl/client.key"},
+        },
+        "redis": {"addr": "redis.internal:6380", "password_set": True},
+        "smtp": {
+            "addr": "smtp.example.com:587",
+            "admin": "noreply@djinn-ci.com",
+            "ca": "/etc/ssl/cert.pem",
+            "username": "postmaster@example.com",
+            "password_set": True,
+        },
         "store": {
             "artifacts": {"type": "file", "path": "/var/lib/djinn/artifacts", "limit": 52428800},
-            "objects": {"type": "file", "path": "/var/lib/djinn/objects"},
+            "objects": {"type": "file", "path": "/var/lib/djinn/objects", "limit": 0},
+            "images": None,
         },
     }
 
@@ -210,7 +242,7 @@ def test_minimal_worker_config_defaults(monkeypatch):
     assert public["smtp"] is None
     assert public["parallelism"] == 6
     assert public["timeout"] == 1800
-    assert public["providers"] == []
+    assert public["providers"] == {}
     assert public["log"] == {"level": "info", "file": None}
 
 
@@ -289,28 +321,55 @@ def test_include_in_worker_config(tmp_path):
 # --- worker: errors -----------------------------------------------------------
 
 
-def test_unknown_top_level_key_names_key_and_line():
-    message = worker_error('driver "os"\n\nparalelism 4\n')
-    assert message.startswith('worker.conf:3: unknown key "paralelism" (expected one of: ')
+def test_unknown_top_level_key_is_a_warning_naming_key_and_line():
+    # Upstream's decoder ignores keys it has no field for; a warning here, not a refusal.
+    cfg = worker('driver "os"\n\nparalelism 4\n')
+    assert cfg.parallelism == 0
+    assert len(cfg.warnings) == 1
+    assert cfg.warnings[0].startswith('worker.conf:3: unknown key "paralelism" ignored (known keys: pidfile, log, ')
 
 
-def test_unknown_nested_key_names_key_block_and_line():
-    message = worker_error('driver "os"\ndatabase {\n\taddr "x:1"\n\tpasword "p"\n}\n')
-    assert message.startswith('worker.conf:4: unknown key "pasword" in database ')
-    message = worker_error('driver "os"\ndatabase {\n\tssl {\n\t\tcrt "x"\n\t}\n}\n')
-    assert message.startswith('worker.conf:4: unknown key "crt" in database.ssl ')
-    message = worker_error('driver "os"\nstore artifacts {\n\tsize 1MB\n}\n')
-    assert message.startswith('worker.conf:3: unknown key "size" in store.artifacts ')
-    message = worker_error('driver "os"\nprovider github {\n\turl "x"\n}\n')
-    assert message.startswith('worker.conf:3: unknown key "url" in provider.github ')
+def test_unknown_nested_keys_are_warnings_naming_key_block_and_line():
+    cfg = worker(
+        'driver "os"\ndatabase {\n\taddr "x:1"\n\tpasword "p"\n}\n'
+        'store artifacts {\n\tsize 1MB\n}\nprovider github {\n\turl "x"\n}\nstore logs {}\n'
+    )
+    assert cfg.database.addr == "x:1" and cfg.database.password == ""
+    assert sorted(w.split(" ignored")[0] for w in cfg.warnings) == [
+        'worker.conf:10: unknown key "url" in provider.github',
+        'worker.conf:12: unknown store "logs"',
+        'worker.conf:4: unknown key "pasword" in database',
+        'worker.conf:7: unknown key "size" in store.artifacts',
+    ]
+
+
+def test_keys_match_case_insensitively_as_upstream():
+    cfg = worker('Driver "os"\nPidfile "/run/w.pid"\nDATABASE {\n\tAddr "db:1"\n}\n')
+    assert (cfg.driver, cfg.pidfile, cfg.database.addr, cfg.warnings) == ("os", "/run/w.pid", "db:1", ())
 
 
 def test_unknown_key_in_included_file_names_that_file(tmp_path):
     (tmp_path / "extra.conf").write_text("\nbogus 1\n")
     (tmp_path / "worker.conf").write_text('driver "os"\ninclude "extra.conf"\n')
-    with pytest.raises(ConfigError) as info:
-        load_worker_config(tmp_path / "worker.conf")
-    assert str(info.value).startswith(f'{tmp_path / "extra.conf"}:2: unknown key "bogus"')
+    cfg = load_worker_config(tmp_path / "worker.conf")
+    assert cfg.warnings[0].startswith(f'{tmp_path / "extra.conf"}:2: unknown key "bogus" ignored')
+
+
+def test_ssl_is_read_as_tls_with_a_deprecation_warning():
+    cfg = worker('driver "os"\ndatabase {\n\tssl {\n\t\tca "/ca.crt"\n\t}\n}\n')
+    assert cfg.database.tls is not None and cfg.database.tls.ca == "/ca.crt"
+    assert cfg.warnings == ("worker.conf:3: database.ssl is deprecated, use tls instead (read as tls)",)
+
+
+def test_quoted_duration_works_with_a_portability_warning():
+    cfg = worker('driver "os"\ntimeout "45m"\n')
+    assert cfg.timeout == datetime.timedelta(minutes=45)
+    assert cfg.warnings[0].startswith("worker.conf:2: timeout: a duration in quotes works here, but upstream")
+
+
+def test_parallelism_beyond_upstreams_int32_is_refused():
+    assert worker_error('driver "os"\nparallelism 2147483648\n') == "worker.conf:2: parallelism: must be at most 2147483647"
+    assert worker_error('driver "os"\nparallelism ' + "9" * 5000 + "\n").startswith("worker.conf:2: integer 9999")
 
 
 @pytest.mark.parametrize(
@@ -346,7 +405,6 @@ def test_invalid_choices():
     assert worker_error('driver "os"\nstore artifacts {\n\ttype "s3"\n}\n').startswith(
         'worker.conf:3: store.artifacts.type: unknown value "s3" (expected one of: file)'
     )
-    assert worker_error('driver "os"\nstore logs {}\n').startswith('worker.conf:2: store: unknown store "logs"')
     assert worker_error('driver "os"\nprovider bitbucket\n').startswith('worker.conf:2: provider: unknown provider "bitbucket"')
 
 
@@ -381,9 +439,7 @@ def test_decode_plain_dict_without_positions():
     cfg = decode_worker({"driver": "ssh", "store": {"artifacts": {"path": "/a", "limit": 10}}}, "inline")
     assert cfg.queue == "builds_ssh"
     assert cfg.artifacts.path == "/a" and cfg.artifacts.limit == 10
-    with pytest.raises(ConfigError) as info:
-        decode_worker({"driver": "ssh", "nope": 1}, "inline")
-    assert str(info.value).startswith('inline: unknown key "nope"')
+    assert decode_worker({"driver": "ssh", "nope": 1}, "inline").warnings[0].startswith('inline: unknown key "nope" ignored')
 
 
 def test_missing_worker_file(tmp_path):
@@ -428,8 +484,8 @@ def test_full_driver_config(tmp_path):
     assert (cfg.ssh.timeout, cfg.ssh.user, cfg.ssh.password) == (td(seconds=60), "builder", "ssh-password-xyz")
     assert cfg.public_dict() == {
         "docker": {"host": "unix:///var/run/docker.sock", "version": "1.40"},
-        "qemu": {"disks": "/var/lib/djinn/images", "cpus": 2, "memory": 4096},
-        "ssh": {"timeout": 60, "user": "builder"},
+        "qemu": {"disks": "/var/lib/djinn/images", "cpus": 2, "memory": 4096, "accel": "kvm"},
+        "ssh": {"timeout": 60, "user": "builder", "key": None, "password_set": True},
         "os": {},
     }
     dumped = json.dumps(cfg.public_dict())
@@ -442,7 +498,7 @@ def test_driver_config_only_lists_present_drivers():
     assert cfg.configured == ("qemu",)
     assert cfg.docker is None and cfg.ssh is None
     assert (cfg.qemu.cpus, cfg.qemu.memory, cfg.qemu.accel) == (1, 2048, "auto")
-    assert cfg.public_dict() == {"qemu": {"disks": "/var/lib/djinn/images", "cpus": 1, "memory": 2048}}
+    assert cfg.public_dict() == {"qemu": {"disks": "/var/lib/djinn/images", "cpus": 1, "memory": 2048, "accel": "auto"}}
 
 
 def test_driver_defaults():
@@ -451,7 +507,7 @@ def test_driver_defaults():
     assert cfg.ssh == SSHSettings(timeout=td(seconds=60), user="root")
     assert cfg.qemu.cpus == 1 and cfg.qemu.memory == 2048 and cfg.qemu.accel == "auto"
     assert cfg.docker.host is None and cfg.docker.version is None
-    assert cfg.public_dict()["ssh"] == {"timeout": 60, "user": "root"}
+    assert cfg.public_dict()["ssh"] == {"timeout": 60, "user": "root", "key": None, "password_set": False}
 
 
 def test_settings_for_returns_plain_dicts_and_falls_back_to_defaults():
@@ -472,13 +528,25 @@ def test_qemu_memory_as_size_literal_is_converted_to_mib():
     assert cfg.qemu.memory == 4096
 
 
-def test_driver_config_errors():
-    assert driver_error('pidfile "/x"\n').startswith('driver.conf:1: unknown key "pidfile" (expected one of: driver)')
-    assert driver_error("driver lxc {}\n").startswith('driver.conf:1: driver: unknown driver "lxc"')
-    assert driver_error('driver docker {\n\thost "x"\n\tsocket "y"\n}\n').startswith(
-        'driver.conf:3: unknown key "socket" in driver.docker '
+def test_unknown_driver_keys_and_drivers_are_warnings():
+    cfg = decode_driver(
+        parse_text(
+            'pidfile "/x"\ndriver lxc {}\ndriver docker {\n\thost "x"\n\tsocket "y"\n}\n'
+            'driver os {\n\tshell "/bin/bash"\n}\ndriver QEMU {\n\tarch "x86_64"\n\tCPUs 2\n}\n',
+            "driver.conf",
+        )
     )
-    assert driver_error("driver os {\n\tshell \"/bin/bash\"\n}\n").startswith('driver.conf:2: unknown key "shell" in driver.os')
+    assert cfg.docker.host == "x" and cfg.os is not None and cfg.qemu.cpus == 2
+    assert [w.split(" ignored")[0] for w in cfg.warnings] == [
+        'driver.conf:1: unknown key "pidfile"',
+        'driver.conf:2: unknown driver "lxc"',
+        'driver.conf:5: unknown key "socket" in driver.docker',
+        'driver.conf:8: unknown key "shell" in driver.os',
+        'driver.conf:11: "driver.qemu.arch" is not used by this worker,',
+    ]
+
+
+def test_driver_config_errors():
     assert driver_error('driver qemu {\n\tcpus "two"\n}\n') == 'driver.conf:2: driver.qemu.cpus: expected an integer, got string "two"'
     assert driver_error("driver qemu {\n\tcpus 0\n}\n") == "driver.conf:2: driver.qemu.cpus: must be at least 1"
     assert driver_error('driver qemu {\n\taccel "hvf"\n}\n').startswith(

@@ -13,8 +13,8 @@ from pathlib import Path
 DJINN = shutil.which("djinn", path=os.path.dirname(sys.executable)) or "djinn"
 
 
-def djinn(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([DJINN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def djinn(*args: str, cwd: Path, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([DJINN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def write(path: Path, text: str) -> Path:
@@ -91,10 +91,10 @@ def test_missing_manifest_and_bad_flags_exit_2(tmp_path):
 
 def test_bad_driver_config_exits_2_naming_file_and_line(tmp_path):
     write(tmp_path / ".djinn.yml", "driver: {type: os}\n")
-    write(tmp_path / "driver.conf", "driver qemu {\n  cpus 2\n  bogus 1\n}\n")
+    write(tmp_path / "driver.conf", "driver qemu {\n  cpus 2\n  memory \"lots\"\n}\n")
     res = djinn("-driver", "driver.conf", cwd=tmp_path)
     assert res.returncode == 2
-    assert "driver.conf:3" in res.stderr and "bogus" in res.stderr
+    assert res.stderr == 'djinn: driver.conf:3: driver.qemu.memory: expected an integer, got string "lots"\n'
     res = djinn("-driver", "missing.conf", cwd=tmp_path)
     assert res.returncode == 2 and "missing.conf" in res.stderr
 
@@ -140,3 +140,80 @@ def test_help_lists_flags(tmp_path):
     assert res.returncode == 0
     for flag in ("-manifest", "-driver", "-objects", "-artifacts", "-stage"):
         assert flag in res.stdout
+
+
+OS_BUILD = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo ran']}\n"
+
+
+def test_version_flag(tmp_path):
+    from importlib.metadata import version
+
+    for flag in ("-version", "--version"):
+        res = djinn(flag, cwd=tmp_path)
+        assert res.returncode == 0 and res.stderr == ""
+        assert res.stdout.startswith(f"djinn {version('djinn-worker')} linux/")
+
+
+def test_driver_config_default_is_cwd_file_then_xdg_then_home_config(tmp_path):
+    write(tmp_path / "work" / ".djinn.yml", OS_BUILD)
+    # A warning names the file that was read: each candidate gets an ignored key of its own.
+    write(tmp_path / "xdg" / "djinn" / "driver.conf", "driver os {}\nfrom_xdg 1\n")
+    write(tmp_path / "home" / ".config" / "djinn" / "driver.conf", "driver os {}\nfrom_home 1\n")
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path / "home")}
+    res = djinn(cwd=tmp_path / "work", env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.startswith(f'djinn: warning: {tmp_path / "xdg" / "djinn" / "driver.conf"}:2: unknown key "from_xdg"')
+
+    res = djinn(cwd=tmp_path / "work", env={**env, "XDG_CONFIG_HOME": ""})
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.startswith(f'djinn: warning: {tmp_path / "home" / ".config" / "djinn" / "driver.conf"}:2: unknown key "from_home"')
+
+    write(tmp_path / "work" / "djinn-driver.conf", "driver os {}\nfrom_cwd 1\n")
+    res = djinn(cwd=tmp_path / "work", env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.startswith('djinn: warning: djinn-driver.conf:2: unknown key "from_cwd"')
+
+    res = djinn("-driver", str(tmp_path / "xdg" / "djinn" / "driver.conf"), cwd=tmp_path / "work", env=env)
+    assert "from_xdg" in res.stderr and "from_cwd" not in res.stderr
+
+
+def test_overflowing_timeout_is_one_line_exit_2(tmp_path):
+    write(tmp_path / ".djinn.yml", OS_BUILD)
+    for value, message in [
+        ("9999999999999d", "invalid duration '9999999999999d': unit 'd' is not in upstream's config language"),
+        ("99999999999999999999h", "duration 99999999999999999999h is out of range"),
+        ("0s", "-timeout 0s: must be a positive duration"),
+    ]:
+        res = djinn("-timeout", value, cwd=tmp_path)
+        assert res.returncode == 2, res.stdout
+        assert res.stderr.startswith(f"djinn: {message}"), res.stderr
+        assert len(res.stderr.splitlines()) == 1
+
+
+def test_secret_named_alone_takes_its_value_from_the_environment(tmp_path):
+    write(tmp_path / ".djinn.yml", "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo token is $TOKEN']}\n")
+    res = djinn("-secret", "TOKEN", cwd=tmp_path, env={**os.environ, "TOKEN": "env-secret-987"})
+    assert res.returncode == 0, res.stderr
+    assert "token is xxxxxx" in res.stdout and "env-secret-987" not in res.stdout
+    res = djinn("-secret", "UNSET_TOKEN_FOR_TEST", cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "UNSET_TOKEN_FOR_TEST"})
+    assert res.returncode == 2
+    assert res.stderr == "djinn: -secret UNSET_TOKEN_FOR_TEST: no '=' and no environment variable UNSET_TOKEN_FOR_TEST to take the value from\n"
+    res = djinn("-env", "NOEQUALS", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr == "djinn: -env 'NOEQUALS': expected KEY=VALUE\n"
+
+
+def test_closed_output_pipe_ends_quietly_and_the_build_still_finishes(tmp_path):
+    write(
+        tmp_path / ".djinn.yml",
+        "driver: {type: os}\nstages: [a]\njobs:\n  - stage: a\n    commands:\n"
+        "      - for i in $(seq 1 3000); do echo line $i; done\n      - echo done > out.txt\n"
+        "    artifacts: [out.txt]\n",
+    )
+    proc = subprocess.Popen([DJINN], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"==> Running stage")
+    proc.stdout.close()  # as `djinn | head -1` does
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(120) == 0
+    assert stderr == ""
+    assert (tmp_path / "out.txt").read_text() == "done\n"

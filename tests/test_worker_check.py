@@ -98,18 +98,44 @@ def test_check_prints_effective_settings(tmp_path):
         "driver": "docker",
         "queue": "builds_docker",
         "timeout": 2700,
-        "providers": ["github", "gitlab"],
-        "database": {"addr": "db.internal:5432", "name": "djinn", "username": "worker"},
-        "redis": {"addr": "redis.internal:6379"},
-        "smtp": {"addr": "smtp.example.com:587", "admin": "ci@example.com", "username": "mailer"},
+        "orphan_timeout": 120,
+        "metrics": None,
+        "host": None,
+        "providers": {
+            "github": {
+                "endpoint": "https://api.github.com",
+                "oauth2_endpoint": None,
+                "client_id": None,
+                "secret_set": False,
+                "client_secret_set": False,
+            },
+            "gitlab": {
+                "endpoint": "https://gitlab.example.com/api/v4",
+                "oauth2_endpoint": None,
+                "client_id": None,
+                "secret_set": False,
+                "client_secret_set": False,
+            },
+        },
+        "crypto_set": True,
+        "database": {"addr": "db.internal:5432", "name": "djinn", "username": "worker", "password_set": True, "tls": None},
+        "redis": {"addr": "redis.internal:6379", "password_set": True},
+        "smtp": {
+            "addr": "smtp.example.com:587",
+            "admin": "ci@example.com",
+            "ca": None,
+            "username": "mailer",
+            "password_set": True,
+        },
         "store": {
             "artifacts": {"type": "file", "path": "/srv/djinn/artifacts", "limit": 10 * 1024 * 1024},
-            "objects": {"type": "file", "path": "/srv/djinn/objects"},
+            "objects": {"type": "file", "path": "/srv/djinn/objects", "limit": 0},
+            "images": None,
         },
         "drivers": {
             "docker": {"host": "unix:///var/run/docker.sock", "version": "1.41"},
-            "qemu": {"disks": "/var/lib/djinn/images", "cpus": 2, "memory": 4096},
-            "ssh": {"timeout": 30, "user": "builder"},
+            "qemu": {"disks": "/var/lib/djinn/images", "cpus": 2, "memory": 4096, "accel": "auto"},
+            "ssh": {"timeout": 30, "user": "builder", "key": None, "password_set": False},
         },
     }
     for secret in ("db-secret-pw", "redis-secret-pw", "smtp-secret-pw", "pepper-and-salt", "0123456789abcdef"):
@@ -126,11 +152,24 @@ def test_qemu_queue_and_cpu_parallelism(tmp_path):
 
 
 def test_bad_file_exits_2_with_file_and_line(tmp_path):
-    res = check(tmp_path, CONFIG.format(driver="docker").replace("parallelism 3", "parallelism 3\nparalelism 4"))
+    res = check(tmp_path, CONFIG.format(driver="docker").replace("parallelism 3", '\nparallelism "three"'))
     assert res.returncode == 2
     assert res.stdout == ""
-    assert "worker.conf:5:" in res.stderr and "paralelism" in res.stderr
+    assert res.stderr == 'djinn-worker: worker.conf:5: parallelism: expected an integer, got string "three"\n'
     assert "Traceback" not in res.stderr
+
+
+def test_unknown_keys_and_ssl_warn_on_stderr_and_check_still_passes(tmp_path):
+    config = CONFIG.format(driver="docker").replace("parallelism 3", "parallelism 3\nparalelism 4")
+    config = config.replace('\tpassword "${DJINN_TEST_DB_PASSWORD}"\n', '\tpassword "${DJINN_TEST_DB_PASSWORD}"\n\tssl {\n\t\tca "/ca.crt"\n\t}\n')
+    res = check(tmp_path, config, DRIVERS.replace('\tcpus   2\n', '\tcpus   2\n\tsockets 4\n'))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["database"]["tls"] == {"ca": "/ca.crt", "cert": None, "key": None}
+    lines = res.stderr.splitlines()
+    assert lines[0].startswith('djinn-worker: warning: worker.conf:5: unknown key "paralelism" ignored')
+    assert "djinn-worker: warning: worker.conf:24: database.ssl is deprecated, use tls instead (read as tls)" in lines
+    assert any(line.startswith('djinn-worker: warning: driver.conf:8: unknown key "sockets" in driver.qemu ignored') for line in lines)
+    assert len(lines) == 3
 
 
 def test_unknown_driver_and_missing_driver_block(tmp_path):
@@ -144,3 +183,21 @@ def test_syntax_error_in_driver_file(tmp_path):
     res = check(tmp_path, CONFIG.format(driver="docker"), drivers="driver docker {\n\thost \"unterminated\n}\n")
     assert res.returncode == 2
     assert "driver.conf:2:" in res.stderr
+
+
+def test_overflow_and_deep_nesting_are_one_line_exit_2(tmp_path):
+    base = CONFIG.format(driver="docker")
+    cases = [
+        (base.replace("timeout 45m", "timeout 99999999999999999999d"), "worker.conf:6: invalid duration '99999999999999999999d': unit 'd'"),
+        (base.replace("timeout 45m", "timeout 99999999999999999999h"), "worker.conf:6: duration 99999999999999999999h is out of range"),
+        (base.replace("limit 10MB", "limit " + "9" * 400 + "MB"), "worker.conf:40: size 9999"),
+        (base.replace("limit 10MB", "limit " + "9" * 400), "worker.conf:40: integer 9999"),
+        (base.replace("parallelism 3", "parallelism " + "7" * 5000), "worker.conf:4: integer 7777"),
+        (base + "deep " + "{ x " * 10000 + "}" * 10000 + "\n", "worker.conf:47: blocks and arrays are nested more than 64 deep"),
+    ]
+    for config, message in cases:
+        res = check(tmp_path, config)
+        assert res.returncode == 2, res.stdout
+        assert res.stdout == ""
+        assert res.stderr.startswith(f"djinn-worker: {message}"), res.stderr[:300]
+        assert len(res.stderr.splitlines()) == 1 and len(res.stderr) < 400

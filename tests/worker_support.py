@@ -77,8 +77,8 @@ class WorkerEnv:
             f"""
 driver "{self.driver}"
 parallelism {parallelism}
-timeout "{timeout}"
-orphan_timeout "{orphan_timeout}"
+timeout {timeout}
+orphan_timeout {orphan_timeout}
 log info "{self.root}/worker.log"
 crypto {{
     block "0123456789abcdef0123456789abcdef"

@@ -1,4 +1,9 @@
-"""`djinn`: the offline runner. Runs one manifest on this machine, no Redis or PostgreSQL needed."""
+"""`djinn`: the offline runner. Runs one manifest on this machine, no Redis or PostgreSQL needed.
+
+The driver config is `-driver FILE`, else `djinn-driver.conf` in the working
+directory, else upstream's default `$XDG_CONFIG_HOME/djinn/driver.conf`
+(`~/.config/djinn/driver.conf`), else built-in defaults.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,8 @@ import sys
 import threading
 from typing import BinaryIO, Sequence
 
-from djinn.cli import EXIT_INVALID, ArgumentParser, fail
-from djinn.config import load_driver_config, DriverConfig
+from djinn.cli import EXIT_INVALID, ArgumentParser, add_version_flag, fail, variable_pairs, warn
+from djinn.config import DriverConfig, load_driver_config
 from djinn.config.language import parse_duration
 from djinn.drivers import make_driver
 from djinn.errors import DjinnError
@@ -23,18 +28,34 @@ PROG = "djinn"
 
 
 class TerminalReporter(Reporter):
-    """Prints each job's output live under a header naming its stage and job."""
+    """Prints each job's output live under a header naming its stage and job.
+
+    When the reader goes away (`djinn | head`) the build still runs to its end,
+    quietly: its exit status and artifacts do not depend on who reads the output.
+    """
 
     def __init__(self, out: BinaryIO) -> None:
         self.out = out
         self.stage: str | None = None
         self.at_line_start = True
+        self.closed = False
+
+    def _write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self.out.write(data)
+            self.out.flush()
+        except BrokenPipeError:
+            self.closed = True
+            try:
+                # Keep the interpreter's final flush of stdout from failing again.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
+            except (OSError, ValueError):
+                pass
 
     def _line(self, text: str) -> None:
-        if not self.at_line_start:
-            self.out.write(b"\n")
-        self.out.write(text.encode() + b"\n")
-        self.out.flush()
+        self._write((b"" if self.at_line_start else b"\n") + text.encode() + b"\n")
         self.at_line_start = True
 
     def job_started(self, job: JobPlan) -> None:
@@ -44,8 +65,7 @@ class TerminalReporter(Reporter):
         self._line(f"==> Running job {job.name} ({job.stage})")
 
     def job_output(self, job: JobPlan, data: bytes) -> None:
-        self.out.write(data)
-        self.out.flush()
+        self._write(data)
         self.at_line_start = data.endswith(b"\n")
 
     def job_finished(self, job: JobPlan, status: Status, ran: bool) -> None:
@@ -69,7 +89,8 @@ def build_parser() -> ArgumentParser:
         "--driver",
         default=None,
         metavar="FILE",
-        help="driver config (default djinn-driver.conf if it exists, else built-in defaults)",
+        help="driver config (default: djinn-driver.conf if it exists, else $XDG_CONFIG_HOME/djinn/driver.conf "
+        "if it exists, else built-in defaults)",
     )
     parser.add_argument("-objects", "--objects", default=".", metavar="DIR", help="where the manifest's objects are read from (default .)")
     parser.add_argument("-artifacts", "--artifacts", default=".", metavar="DIR", help="where artifacts are written, as DIR/<name> (default .)")
@@ -87,26 +108,31 @@ def build_parser() -> ArgumentParser:
         "--secret",
         action="append",
         default=[],
-        metavar="KEY=VALUE",
-        help="add a masked build variable: its value is shown as xxxxxx in output (repeatable)",
+        metavar="KEY",
+        help="add a masked build variable (shown as xxxxxx in output), its value taken from the environment "
+        "variable KEY; KEY=VALUE works too, but the value is then visible to ps (repeatable)",
     )
+    add_version_flag(parser, PROG)
     return parser
 
 
-def _variables(pairs: Sequence[str], masked: bool) -> list[Variable]:
-    out = []
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise DjinnError(f"{pair!r} is not KEY=VALUE")
-        out.append(Variable(key, value, masked))
-    return out
+def _variables(pairs: Sequence[str], flag: str, masked: bool) -> list[Variable]:
+    return [Variable(k, v, masked) for k, v in variable_pairs(pairs, flag, from_environment=masked)]
+
+
+def user_driver_config() -> str | None:
+    """Upstream's default driver config, $XDG_CONFIG_HOME/djinn/driver.conf (Go's os.UserConfigDir)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or (os.path.join(os.environ["HOME"], ".config") if os.environ.get("HOME") else None)
+    return os.path.join(base, "djinn", "driver.conf") if base else None
 
 
 def _driver_config(path: str | None) -> DriverConfig:
-    if path is None:
-        return load_driver_config("djinn-driver.conf") if os.path.exists("djinn-driver.conf") else DriverConfig.defaults()
-    return load_driver_config(path)
+    if path is not None:
+        return load_driver_config(path)
+    for candidate in ("djinn-driver.conf", user_driver_config()):
+        if candidate and os.path.isfile(candidate):
+            return load_driver_config(candidate)
+    return DriverConfig.defaults()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         manifest = load_manifest(args.manifest)
         config = _driver_config(args.driver)
+        warn(PROG, config.warnings)
         plan = plan_build(manifest)
         if args.stage is not None:
             try:
@@ -121,8 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             except KeyError as exc:
                 raise DjinnError(exc.args[0]) from None
         timeout = parse_duration(args.timeout).total_seconds() if args.timeout else DEFAULT_TIMEOUT
+        if timeout <= 0 or timeout > threading.TIMEOUT_MAX:
+            raise DjinnError(f"-timeout {args.timeout}: must be a positive duration of at most {int(threading.TIMEOUT_MAX // 3600)}h")
         variables = [Variable(k, v) for k, v in manifest.env]
-        variables += _variables(args.env, False) + _variables(args.secret, True)
+        variables += _variables(args.env, "-env", False) + _variables(args.secret, "-secret", True)
         settings = {**config.settings_for(manifest.driver_type), **manifest.driver}
         driver = make_driver(manifest.driver_type, settings)
     except DjinnError as exc:

@@ -6,22 +6,43 @@
     djinn-worker status -config FILE ID [-json]
     djinn-worker logs -config FILE ID [-f]
     djinn-worker kill -config FILE ID
+    djinn-worker -version
+
+Flags go before or after the command, as Go users type them
+(`djinn-worker -config F migrate` is `djinn-worker migrate -config F`).
+Exit status: 0 done, 1 a service is unreachable (or the command failed),
+2 invalid input.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from djinn.cli import EXIT_INVALID, ArgumentParser, fail
+from djinn.cli import (
+    EXIT_FAILED,
+    EXIT_INVALID,
+    ArgumentParser,
+    InputError,
+    Unreachable,
+    add_version_flag,
+    check_text,
+    fail,
+    read_text_file,
+    variable_pairs,
+    warn,
+)
 from djinn.config import DriverConfig, WorkerConfig, load_driver_config, load_worker_config
 from djinn.errors import ConfigError, DjinnError
 
 PROG = "djinn-worker"
-EXIT_FAILED = 1
+# Lengths of the users columns the submitted owner is written to (djinn.models.User).
+MAX_USERNAME = 64
+MAX_EMAIL = 255
 
 
 def build_parser() -> ArgumentParser:
@@ -42,7 +63,9 @@ def build_parser() -> ArgumentParser:
 
 
 def _config_flag(parser: ArgumentParser) -> None:
+    """The flags every djinn-worker command takes."""
     parser.add_argument("-config", "--config", default="djinn-worker.conf", metavar="FILE", help="worker config (default djinn-worker.conf)")
+    add_version_flag(parser, PROG)
 
 
 def load_configs(config_path: str, driver_path: str) -> tuple[WorkerConfig, DriverConfig]:
@@ -129,22 +152,47 @@ def run_daemon(config_path: str, driver_path: str, worker: WorkerConfig, drivers
 
 # -- operator commands --------------------------------------------------------
 
+# The config of the running command, so an unreachable service can be named by its address.
+_in_use: WorkerConfig | None = None
+
 
 def _context(config_path: str):
+    """The command's WorkerContext, PostgreSQL checked first so that a database that is down is exit 1."""
+    global _in_use
     from djinn.context import WorkerContext
+    from djinn.db import check_connection
 
-    return WorkerContext(load_worker_config(config_path), DriverConfig.defaults())
+    config = load_worker_config(config_path)
+    warn(PROG, config.warnings)
+    _in_use = config
+    ctx = WorkerContext(config, DriverConfig.defaults())
+    check_connection(ctx.engine)
+    return ctx
+
+
+def _check_redis(config: WorkerConfig) -> None:
+    import redis
+
+    from djinn.kill import redis_client
+
+    try:
+        redis_client(config.redis, socket_connect_timeout=5, socket_timeout=5).ping()
+    except redis.RedisError as exc:
+        raise Unreachable(f"cannot connect to Redis at {config.redis.addr}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def cmd_migrate(argv: Sequence[str]) -> int:
     parser = ArgumentParser(prog=f"{PROG} migrate", description="Create or upgrade the database schema (idempotent).")
     _config_flag(parser)
     args = parser.parse_args(argv)
-    from djinn.db import check_connection
     from djinn.migrate import upgrade
 
     ctx = _context(args.config)
-    check_connection(ctx.engine)
     before, after = upgrade(ctx.engine)
     if before == after:
         print(f"schema is up to date (revision {after})")
@@ -153,13 +201,17 @@ def cmd_migrate(argv: Sequence[str]) -> int:
     return 0
 
 
-def _pairs(values: Sequence[str], flag: str) -> list[tuple[str, str]]:
+def _key_files(values: Sequence[str]) -> list[tuple[str, str]]:
+    """`-key NAME=FILE` pairs; NAME becomes /root/.ssh/NAME, so it must be a plain file name."""
     out = []
     for value in values:
-        key, eq, val = value.partition("=")
-        if not eq or not key:
-            raise DjinnError(f"{flag} {value!r}: expected KEY=VALUE")
-        out.append((key, val))
+        name, eq, path = value.partition("=")
+        check_text(name, "-key name")
+        if not eq or not name or not path:
+            raise InputError(f"-key {value!r}: expected NAME=FILE")
+        if "/" in name or name in (".", "..") or len(name.encode()) > 255:
+            raise InputError(f"-key {name!r}: the key name must be a plain file name (it is written to /root/.ssh/NAME)")
+        out.append((name, path))
     return out
 
 
@@ -173,41 +225,67 @@ def cmd_submit(argv: Sequence[str]) -> int:
     parser.add_argument("-user", "--user", default="djinn", metavar="NAME", help="the build's owner (created if new; default djinn)")
     parser.add_argument("-email", "--email", default=None, metavar="ADDR", help="the owner's mail address, for failure mail")
     parser.add_argument("-env", "--env", action="append", default=[], metavar="K=V", help="a build variable (repeatable)")
-    parser.add_argument("-secret", "--secret", action="append", default=[], metavar="K=V", help="a masked build variable (repeatable)")
+    parser.add_argument(
+        "-secret",
+        "--secret",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a masked build variable, its value taken from $KEY; KEY=VALUE works too but is visible to ps (repeatable)",
+    )
     parser.add_argument("-key", "--key", action="append", default=[], metavar="NAME=FILE", help="an SSH key placed at /root/.ssh/NAME (repeatable)")
     parser.add_argument("-comment", "--comment", default="", help="the trigger's description (shown in mail)")
     parser.add_argument("-json", "--json", action="store_true", help='print {"id", "number", "queue"}')
     args = parser.parse_args(argv)
 
+    import sqlalchemy.exc
+
     from djinn.queue import enqueue
     from djinn.runner import Key, Variable
-    from djinn.submit import Trigger, submit
+    from djinn.submit import SubmitError, Trigger, submit
+
+    text = read_text_file(args.manifest, "")
+    check_text(args.user, "-user")
+    if not args.user or len(args.user) > MAX_USERNAME:
+        raise InputError(f"-user must be 1 to {MAX_USERNAME} characters")
+    if args.email is not None and len(check_text(args.email, "-email")) > MAX_EMAIL:
+        raise InputError(f"-email must be at most {MAX_EMAIL} characters")
+    check_text(args.comment, "-comment")
+    variables = [Variable(k, v) for k, v in variable_pairs(args.env, "-env", from_environment=False)]
+    variables += [Variable(k, v, True) for k, v in variable_pairs(args.secret, "-secret", from_environment=True)]
+    keys = [Key(name, read_text_file(path, f"-key {name}: ")) for name, path in _key_files(args.key)]
+    ctx = _context(args.config)
+    _check_redis(ctx.config)
+    broker_failures: list[BaseException] = []
+
+    def queue_build(build_id: int, queue: str) -> None:
+        try:
+            enqueue(ctx.app, build_id, queue)
+        except Exception as exc:
+            broker_failures.append(exc)
+            raise
 
     try:
-        text = Path(args.manifest).read_text()
-    except OSError as exc:
-        raise DjinnError(f"{args.manifest}: {exc.strerror}") from None
-    variables = [Variable(k, v) for k, v in _pairs(args.env, "-env")]
-    variables += [Variable(k, v, True) for k, v in _pairs(args.secret, "-secret")]
-    keys = []
-    for name, path in _pairs(args.key, "-key"):
-        try:
-            keys.append(Key(name, Path(path).read_text()))
-        except OSError as exc:
-            raise DjinnError(f"-key {name}: {path}: {exc.strerror}") from None
-    ctx = _context(args.config)
-    submitted = submit(
-        ctx.sessions,
-        text,
-        username=args.user,
-        email=args.email,
-        variables=variables,
-        keys=keys,
-        cipher=ctx.cipher,
-        trigger=Trigger(comment=args.comment),
-        enqueue=lambda build_id, queue: enqueue(ctx.app, build_id, queue),
-        manifest_path=args.manifest,
-    )
+        submitted = submit(
+            ctx.sessions,
+            text,
+            username=args.user,
+            email=args.email,
+            variables=variables,
+            keys=keys,
+            cipher=ctx.cipher,
+            trigger=Trigger(comment=args.comment),
+            enqueue=queue_build,
+            manifest_path=args.manifest,
+        )
+    except SubmitError as exc:
+        if broker_failures:
+            raise Unreachable(f"cannot queue the build: Redis at {ctx.config.redis.addr}: {_first_line(broker_failures[0])}") from None
+        raise
+    except UnicodeEncodeError:
+        raise InputError(f"{args.manifest}: contains text that is not valid UTF-8 (such as a \\ud800 escape)") from None
+    except sqlalchemy.exc.DataError as exc:
+        raise InputError(f"{args.manifest}: a value does not fit its database column: {_first_line(exc)}") from None
     if args.json:
         print(json.dumps({"id": submitted.id, "number": submitted.number, "queue": submitted.queue}))
     else:
@@ -218,8 +296,15 @@ def cmd_submit(argv: Sequence[str]) -> int:
 def _build_id_parser(name: str, description: str) -> ArgumentParser:
     parser = ArgumentParser(prog=f"{PROG} {name}", description=description)
     _config_flag(parser)
-    parser.add_argument("id", metavar="ID", type=int, help="the build id")
+    parser.add_argument("id", metavar="ID", type=_build_id, help="the build id")
     return parser
+
+
+def _build_id(text: str) -> int:
+    """A build id as the builds.id column can hold it (BIGINT, from 1)."""
+    if not text.isascii() or not text.isdigit() or len(text) > 19 or not 0 < int(text) < 1 << 63:
+        raise argparse.ArgumentTypeError(f"invalid build id {text[:40]!r}: expected a number from 1")
+    return int(text)
 
 
 def _get_build(session, build_id: int):
@@ -227,7 +312,7 @@ def _get_build(session, build_id: int):
 
     build = session.get(Build, build_id)
     if build is None:
-        raise DjinnError(f"no build with id {build_id}")
+        raise InputError(f"no build with id {build_id}")
     return build
 
 
@@ -292,7 +377,7 @@ def cmd_logs(argv: Sequence[str]) -> int:
     out = sys.stdout
     for text in stream_output(ctx.sessions, args.id, follow=args.follow):
         out.write(text)
-        out.flush()
+        out.flush()  # a reader that went away (logs -f | head) ends here: see main()
     return 0
 
 
@@ -323,7 +408,11 @@ def cmd_kill(argv: Sequence[str]) -> int:
     if status not in ("queued", "running"):
         raise DjinnError(f"build {args.id} is already {status}")
     listeners = publish_kill(ctx.config.redis, args.id, secret or "")
-    print(f"kill sent to build {args.id} ({listeners} worker{'s' if listeners != 1 else ''} listening)")
+    # `listeners` counts Redis subscribers: a running build's worker is one of them.
+    if listeners:
+        print(f"kill sent to build {args.id}")
+    else:
+        print(f"kill sent to build {args.id}, but no worker is running build {args.id}")
     return 0
 
 
@@ -336,29 +425,84 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 
 
+# Flags that take a value, in any command: skipped when looking for the command's name.
+_VALUE_FLAGS = {
+    f"{dashes}{name}"
+    for name in ("config", "driver", "user", "email", "env", "secret", "key", "comment")
+    for dashes in ("-", "--")
+}
+
+
+def split_command(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The command named anywhere among the flags, and the other arguments in their order.
+
+    `-config F migrate` and `migrate -config F` give ("migrate", ["-config", "F"]).
+    A value of a flag (`-config migrate`) is not a command; neither is anything after
+    the first positional argument that precedes a command.
+    """
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in COMMANDS:
+            return arg, [*argv[:i], *argv[i + 1 :]]
+        if arg == "--" or not arg.startswith("-") or arg == "-":
+            break
+        i += 2 if arg in _VALUE_FLAGS else 1
+    return None, list(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] in COMMANDS:
-            return COMMANDS[argv[0]](argv[1:])
+        command, rest = split_command(argv)
+        if command is not None:
+            return COMMANDS[command](rest)
         args = build_parser().parse_args(argv)
         worker, drivers = load_configs(args.config, args.driver)
+        warn(PROG, (*worker.warnings, *drivers.warnings))
         if args.check:
             json.dump(effective_settings(worker, drivers), sys.stdout, indent=2, sort_keys=True)
             sys.stdout.write("\n")
+            sys.stdout.flush()
             return 0
         return run_daemon(args.config, args.driver, worker, drivers)
+    except BrokenPipeError:
+        # The reader went away (`logs -f | head`): stop quietly, and keep the
+        # interpreter's final flush from complaining about the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except DjinnError as exc:
         return fail(PROG, exc, EXIT_INVALID if isinstance(exc, ConfigError) or _is_input_error(exc) else EXIT_FAILED)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        unreachable = _unreachable(exc)
+        if unreachable is None:
+            raise
+        return fail(PROG, unreachable, EXIT_FAILED)
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """One line naming the service when `exc` says PostgreSQL or Redis cannot be reached."""
+    import kombu.exceptions
+    import redis
+    import sqlalchemy.exc
+
+    config = _in_use
+    if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+        where = f" at {config.database.addr}" if config else ""
+        return f"cannot connect to PostgreSQL{where}: {_first_line(exc)}"
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError)):
+        where = f" at {config.redis.addr}" if config else ""
+        return f"cannot connect to Redis{where}: {_first_line(exc)}"
+    return None
 
 
 def _is_input_error(exc: DjinnError) -> bool:
     from djinn.errors import ManifestError
     from djinn.submit import SubmitError
 
-    return isinstance(exc, (ManifestError, SubmitError))
+    return isinstance(exc, (InputError, ManifestError, SubmitError))
 
 
 if __name__ == "__main__":

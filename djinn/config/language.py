@@ -1,7 +1,8 @@
 """The configuration language of djinn-worker.conf and djinn-driver.conf.
 
 It is upstream's language (github.com/andrewpillar/config, an NGINX-like
-syntax) so existing Djinn CI config files keep working:
+syntax) so existing Djinn CI config files keep working, and so a file written
+for this worker also works with the Go original:
 
     # comment
     pidfile "/var/run/djinn/worker.pid"     # name value
@@ -9,36 +10,49 @@ syntax) so existing Djinn CI config files keep working:
     provider github                         # bare label: an empty block
     store artifacts {                       # name label block
         path  "/var/lib/djinn/artifacts"
+
+        # comments inside a block go on their own line (see below)
         limit 50MB
     }
     include ["smtp.conf", "db.conf"]
 
 Values: strings in double quotes, integers, floats, `true`/`false`, arrays
-`[a, b]` (may span lines, trailing comma allowed), blocks `{ ... }`,
-durations and sizes.
+`[a, b]` (may span lines after `[` or a comma, trailing comma allowed),
+blocks `{ ... }`, durations and sizes.
 
-Decisions, with upstream's behaviour where it has one:
+What is accepted is exactly what upstream's scanner and parser accept, except
+where upstream silently reads something other than what was written (then it
+is an error here, saying why). Each rule below is upstream's:
 
-- Durations are a number followed by units, Go style: `500ms`, `30s`, `1h30m`,
-  `1.5h`; units `ns us µs ms s m h d` (`d` is 24h, documented by upstream's
-  readme). They become `datetime.timedelta`.
-- Sizes are a number and one of `B KB MB GB TB PB`, 1024-based as upstream
-  (`1KB` = 1024 bytes, `50MB` = 52428800). They become `Size`, an `int` of
-  bytes that remembers it was written as a size.
-- `${VAR}` (or `${env:VAR}`, upstream's explicit form) inside a string is
-  replaced by the environment variable; an unset variable expands to the empty
-  string, like upstream (Go's os.Getenv). Other prefixes (upstream lets
-  programs register e.g. `vault:`) are errors here. `\\$` gives a literal `$`.
-- String escapes: `\\"` `\\\\` `\\n` `\\t` `\\r` `\\$`; any other escape is an
-  error (upstream silently drops the backslash, which hides typos).
-- `include` takes a string or an array of strings, only at the top level of a
-  file. Relative paths are resolved against the including file's directory
-  (upstream uses the process's working directory, which breaks as soon as the
-  worker is started from elsewhere). An include cycle is an error; including
-  the same file twice from different places is allowed.
-- A repeated key replaces the earlier value (upstream does the same), so a
-  file can include defaults and then override some of them. A repeated
+- Durations: a number and units `h`, `m`, `s`, `ms`, combined Go style
+  (`500ms`, `30s`, `1h30m`, `1.5h`). Upstream's scanner has no `d`, `ns` or
+  `us`. At most 2562047h (Go's time.Duration); they become timedelta.
+- Sizes: a whole number and one of `B KB MB GB TB`, 1024-based (`50MB` =
+  52428800 bytes), at most 2**63-1 bytes. No `PB`. Upstream reads `1.5MB` as
+  0, so fractions are refused. They become `Size`, an `int` of bytes.
+- Integers fit in 64 bits; numbers start with a digit or `-` (not `.`).
+- Names are letters, `_` and ASCII digits, not starting with a digit; no `-`
+  (upstream reads `qemu-x86_64` as three tokens).
+- A line break ends a parameter only after a value, a name, `}` or `]`;
+  elsewhere it is blank space. So inside an array the line may break after
+  `[` or a comma, never before a comma or `]`. Inside a block parameters are
+  separated by line breaks or `;`; at the top level they need no separator.
+- A `#` comment runs to the end of the line and, after a value, takes that
+  line break with it (upstream's scanner does). A comment after a value
+  inside a block is therefore an error unless `}` or a blank line follows;
+  a file must not end inside a comment (upstream never stops reading it).
+- `${VAR}` (or `${env:VAR}`) inside a string is the environment variable,
+  empty when unset. Other prefixes (upstream lets programs register e.g.
+  `vault:`) are errors. The only escape is `\\"`; upstream drops the backslash
+  of any other (`\\n` reads as `n`), so those are errors here.
+- `include` takes a string or an array of strings, at the top level only,
+  not expanded (no `${VAR}`). A relative path is tried against the including
+  file's directory, then against the working directory (upstream's only
+  rule). Including a file that is already included is an error, as upstream.
+- A repeated key replaces the earlier value (a block as a whole), a repeated
   labelled key adds or replaces that label.
+- NUL bytes, form feeds and other control characters are errors. Blocks and
+  arrays nest at most MAX_DEPTH deep.
 
 Parsing gives a `ConfigDict`: a plain `dict` of plain Python values that also
 remembers the file and line of each key, so the typed decoders can name the
@@ -51,6 +65,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+from fractions import Fraction
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -61,6 +76,7 @@ __all__ = [
     "ConfigDict",
     "Pos",
     "Size",
+    "MAX_DEPTH",
     "SIZE_UNITS",
     "config_error",
     "parse_duration",
@@ -118,25 +134,20 @@ class ConfigDict(dict):
         return self.position(key).line
 
 
-# Go's time.ParseDuration units, plus upstream's documented `d`.
-_DURATION_UNITS = {
-    "ns": datetime.timedelta(microseconds=0.001),
-    "us": datetime.timedelta(microseconds=1),
-    "µs": datetime.timedelta(microseconds=1),
-    "ms": datetime.timedelta(milliseconds=1),
-    "s": datetime.timedelta(seconds=1),
-    "m": datetime.timedelta(minutes=1),
-    "h": datetime.timedelta(hours=1),
-    "d": datetime.timedelta(days=1),
-}
-SIZE_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40, "PB": 1 << 50}
+# The units upstream's scanner lets through to Go's time.ParseDuration, in nanoseconds.
+_DURATION_UNITS_NS = {"ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
+SIZE_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+MAX_INT = (1 << 63) - 1  # Go's int64: the largest integer, size or duration (in ns) upstream can hold
+MAX_DEPTH = 64  # blocks and arrays nested deeper than this are refused, not a RecursionError
 
-_NUM = r"(?:\d+(?:\.\d+)?)"
-_DURATION_PART = re.compile(rf"({_NUM})(ns|us|µs|ms|s|m|h|d)")
-_DURATION_RE = re.compile(rf"-?(?:{_NUM}(?:ns|us|µs|ms|s|m|h|d))+")
-_SIZE_RE = re.compile(rf"(-?{_NUM})(B|KB|MB|GB|TB|PB)")
-_INT_RE = re.compile(r"-?\d+")
-_FLOAT_RE = re.compile(rf"-?{_NUM}")
+_NUM = r"(?:\d+(?:\.\d*)?)"
+_DURATION_PART = re.compile(rf"({_NUM})(ms|s|m|h)", re.ASCII)
+_DURATION_RE = re.compile(rf"-?(?:{_NUM}(?:ms|s|m|h))+", re.ASCII)
+_SIZE_RE = re.compile(r"(-?\d+(?:\.\d*)?)(B|KB|MB|GB|TB)", re.ASCII)
+_INT_RE = re.compile(r"-?\d+", re.ASCII)
+_FLOAT_RE = re.compile(r"-?\d*\.\d*", re.ASCII)
+# Units people write that upstream's config language does not have.
+_FOREIGN_UNITS = re.compile(r"-?\d+(?:\.\d*)?(d|ns|us|µs|PB|EB|w|y)", re.ASCII)
 
 
 def parse_duration(text: str) -> datetime.timedelta:
@@ -145,19 +156,40 @@ def parse_duration(text: str) -> datetime.timedelta:
     if text in ("0", "-0"):
         return datetime.timedelta(0)
     if not _DURATION_RE.fullmatch(text):
+        foreign = _FOREIGN_UNITS.fullmatch(text)
+        if foreign and foreign.group(1) in ("d", "ns", "us", "µs", "w", "y"):
+            raise ConfigError(
+                f"invalid duration {text!r}: unit {foreign.group(1)!r} is not in upstream's config language "
+                "(units: h, m, s, ms; e.g. 48h for two days)"
+            )
         raise ConfigError(f"invalid duration {text!r} (expected e.g. 90s, 30m, 1h30m, 500ms)")
-    total = datetime.timedelta(0)
+    total_ns = Fraction(0)
     for number, unit in _DURATION_PART.findall(text):
-        total += _DURATION_UNITS[unit] * float(number)
-    return -total if text.startswith("-") else total
+        if len(number) > 40:
+            raise ConfigError(f"duration {text[:40]}... is out of range (at most 2562047h, about 292 years)")
+        total_ns += Fraction(number if not number.endswith(".") else number[:-1]) * _DURATION_UNITS_NS[unit]
+    if total_ns > MAX_INT:
+        raise ConfigError(f"duration {text} is out of range (at most 2562047h, about 292 years)")
+    delta = datetime.timedelta(microseconds=int(total_ns / 1000))
+    return -delta if text.startswith("-") else delta
 
 
 def parse_size(text: str) -> Size:
     """`50MB` as a number of bytes (1024-based units, like upstream). Raises ConfigError."""
-    m = _SIZE_RE.fullmatch(text.strip())
+    text = text.strip()
+    m = _SIZE_RE.fullmatch(text)
     if not m:
+        foreign = _FOREIGN_UNITS.fullmatch(text)
+        if foreign and foreign.group(1) in ("PB", "EB"):
+            raise ConfigError(f"invalid size {text!r}: unit {foreign.group(1)} is not in upstream's config language (units: B, KB, MB, GB, TB)")
         raise ConfigError(f"invalid size {text!r} (expected e.g. 512KB, 50MB, 2GB)")
-    return Size(round(float(m.group(1)) * SIZE_UNITS[m.group(2)]))
+    number, unit = m.groups()
+    if "." in number:
+        raise ConfigError(f"invalid size {text!r}: sizes are whole numbers (upstream reads {text} as 0); e.g. 1536KB")
+    if len(number) > 25 or abs(int(number)) * SIZE_UNITS[unit] > MAX_INT:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise ConfigError(f"size {shown} is out of range (at most 8388607TB)")
+    return Size(int(number) * SIZE_UNITS[unit])
 
 
 # --- tokens ---------------------------------------------------------------
@@ -166,6 +198,8 @@ _NAME, _STRING, _INT, _FLOAT, _DURATION, _SIZE = "name", "string", "integer", "f
 _NEWLINE, _EOF = "newline", "end of file"
 _PUNCT = {"{", "}", "[", "]", ","}
 _LITERALS = {_STRING, _INT, _FLOAT, _DURATION, _SIZE}
+# After these a line break ends the parameter; after anything else it is blank space.
+_ENDS_LINE = {_NAME, *_LITERALS, "}", "]"}
 
 
 @dataclass
@@ -174,13 +208,17 @@ class _Token:
     value: Any
     line: int
     text: str = ""
+    expands: bool = False  # a string that had ${...} or an escape (include paths must not)
 
     def describe(self) -> str:
         if self.kind in _PUNCT:
             return f'"{self.kind}"'
-        if self.kind in (_NEWLINE, _EOF):
-            return self.kind
-        return f"{self.kind} {self.text}"
+        if self.kind == _NEWLINE:
+            return '";"' if self.text == ";" else "a line break"
+        if self.kind == _EOF:
+            return "end of file"
+        text = self.text if len(self.text) <= 40 else self.text[:40] + "..."
+        return f"{self.kind} {text}"
 
 
 def _is_name_start(ch: str) -> bool:
@@ -188,36 +226,58 @@ def _is_name_start(ch: str) -> bool:
 
 
 def _is_name_char(ch: str) -> bool:
-    # `-` inside names (not first) as upstream djinn allowed: `driver qemu-x86_64 {}`.
-    return ch == "_" or ch == "-" or ch.isalnum()
+    # Upstream: Unicode letters, "_" and ASCII digits only (no "-", no other digits).
+    return ch == "_" or ch.isalpha() or "0" <= ch <= "9"
 
 
-_ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t", "r": "\r", "$": "$"}
 _VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NUMBER_CHARS = frozenset("0123456789.abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_µ")
+_COMMENT_HINT = (
+    " (a # comment after a value takes the line break with it in upstream's config language: "
+    "put the comment on its own line)"
+)
 
 
 class _Lexer:
+    """Upstream's scanner: a line break is a token only where it can end a parameter."""
+
     def __init__(self, text: str, name: str, env: Mapping[str, str]) -> None:
         self.text = text
         self.name = name
         self.env = env
         self.i = 0
         self.line = 1
+        # Lines whose line break a trailing comment swallowed, for error hints.
+        self.swallowed: set[int] = set()
 
     def error(self, line: int, message: str) -> ConfigError:
         return config_error(Pos(self.name, line), message)
 
     def tokens(self) -> Iterator[_Token]:
         text, n = self.text, len(self.text)
+        ends_line = False  # upstream's nlsemi
         while True:
-            # Whitespace other than newlines, and comments.
             while self.i < n:
                 ch = text[self.i]
-                if ch in " \t\r\f\v":
+                if ch in " \t\r":
                     self.i += 1
+                elif ch == "\n" and not ends_line:
+                    self.i += 1
+                    self.line += 1
                 elif ch == "#":
-                    while self.i < n and text[self.i] != "\n":
-                        self.i += 1
+                    end = text.find("\n", self.i)
+                    if end < 0:
+                        raise self.error(
+                            self.line,
+                            "the file ends inside a comment: add a line break at the end "
+                            "(upstream's djinn-worker never finishes reading such a file)",
+                        )
+                    if "\0" in text[self.i : end]:
+                        raise self.error(self.line, "NUL byte in a comment")
+                    if ends_line:
+                        self.swallowed.add(self.line)
+                    self.i = end + 1
+                    self.line += 1
                 else:
                     break
             if self.i >= n:
@@ -229,43 +289,67 @@ class _Lexer:
                 self.i += 1
                 if ch == "\n":
                     self.line += 1
-                yield _Token(_NEWLINE, None, line, "newline" if ch == "\n" else ";")
-            elif ch in _PUNCT:
+                ends_line = False
+                yield _Token(_NEWLINE, None, line, ch)
+                continue
+            if ch in _PUNCT:
                 self.i += 1
-                yield _Token(ch, ch, line, ch)
+                tok = _Token(ch, ch, line, ch)
             elif ch == '"':
-                yield self._string()
-            elif ch.isdigit() or (ch in "-." and self.i + 1 < n and (text[self.i + 1].isdigit() or text[self.i + 1] == ".")):
-                yield self._number()
+                tok = self._string()
+            elif "0" <= ch <= "9" or ch == "-":
+                tok = self._number()
             elif _is_name_start(ch):
                 start = self.i
                 while self.i < n and _is_name_char(text[self.i]):
                     self.i += 1
                 word = text[start : self.i]
-                yield _Token(_NAME, word, line, word)
+                if self.i < n and text[self.i] == "-":
+                    raise self.error(
+                        line,
+                        f"names cannot contain \"-\" (upstream reads {word}-... as separate tokens)"
+                        + ("; the qemu driver block is: driver qemu { ... }" if word == "qemu" else ""),
+                    )
+                tok = _Token(_NAME, word, line, word)
+            elif ch == "\0":
+                raise self.error(line, "NUL byte in the file")
             else:
                 raise self.error(line, f"unexpected character {ch!r}")
+            ends_line = tok.kind in _ENDS_LINE
+            yield tok
 
     def _number(self) -> _Token:
         text, n, start, line = self.text, len(self.text), self.i, self.line
         self.i += 1
-        while self.i < n and (text[self.i].isalnum() or text[self.i] in "._µ"):
+        while self.i < n and text[self.i] in _NUMBER_CHARS:
             self.i += 1
         word = text[start : self.i]
-        if _INT_RE.fullmatch(word):
-            return _Token(_INT, int(word), line, word)
-        if _FLOAT_RE.fullmatch(word):
-            return _Token(_FLOAT, float(word), line, word)
-        if _DURATION_RE.fullmatch(word):
-            return _Token(_DURATION, parse_duration(word), line, word)
-        if _SIZE_RE.fullmatch(word):
-            return _Token(_SIZE, parse_size(word), line, word)
+        try:
+            if _INT_RE.fullmatch(word):
+                if len(word) > 20 or abs(int(word)) > MAX_INT:
+                    shown = word if len(word) <= 40 else word[:40] + "..."
+                    raise self.error(line, f"integer {shown} is out of range (at most {MAX_INT})")
+                return _Token(_INT, int(word), line, word)
+            if _FLOAT_RE.fullmatch(word) and any(c.isdigit() for c in word):
+                return _Token(_FLOAT, float(word), line, word)
+            if _DURATION_RE.fullmatch(word):
+                return _Token(_DURATION, parse_duration(word), line, word)
+            if _SIZE_RE.fullmatch(word):
+                return _Token(_SIZE, parse_size(word), line, word)
+            foreign = _FOREIGN_UNITS.fullmatch(word)
+            if foreign:
+                # Both raise, naming the unit upstream lacks.
+                parse_size(word) if foreign.group(1) in ("PB", "EB") else parse_duration(word)
+        except ConfigError as exc:
+            if getattr(exc, "line", None) is not None:
+                raise
+            raise self.error(line, str(exc)) from None
         if word == "-":
             raise self.error(line, "unexpected character '-'")
+        shown = word if len(word) <= 40 else word[:40] + "..."
         raise self.error(
             line,
-            f"invalid number {word!r} (a duration needs units ns, us, ms, s, m, h or d, "
-            "a size B, KB, MB, GB, TB or PB)",
+            f"invalid number {shown!r} (a duration needs units h, m, s or ms, a size B, KB, MB, GB or TB)",
         )
 
     def _string(self) -> _Token:
@@ -273,6 +357,7 @@ class _Lexer:
         start = self.i
         self.i += 1
         out: list[str] = []
+        expands = False
         while True:
             if self.i >= n or text[self.i] == "\n":
                 raise self.error(line, "unterminated string (strings cannot span lines)")
@@ -280,15 +365,22 @@ class _Lexer:
             if ch == '"':
                 self.i += 1
                 break
+            if ch == "\0":
+                raise self.error(line, "NUL byte in a string")
             if ch == "\\":
-                if self.i + 1 >= n or text[self.i + 1] == "\n":
+                esc = text[self.i + 1] if self.i + 1 < n else ""
+                if esc == '"':
+                    out.append('"')
+                    expands = True
+                    self.i += 2
+                    continue
+                if esc in ("", "\n"):
                     raise self.error(line, "unterminated string (strings cannot span lines)")
-                esc = text[self.i + 1]
-                if esc not in _ESCAPES:
-                    raise self.error(line, f"unknown escape sequence \\{esc} in string")
-                out.append(_ESCAPES[esc])
-                self.i += 2
-                continue
+                raise self.error(
+                    line,
+                    f"escape \\{esc} in a string: upstream's config language drops the backslash "
+                    f"(reads {esc!r}), so the only escape is \\\"",
+                )
             if ch == "$" and text.startswith("${", self.i):
                 end = text.find("}", self.i + 2)
                 newline = text.find("\n", self.i + 2)
@@ -296,11 +388,12 @@ class _Lexer:
                 if end < 0 or (0 <= newline < end) or (0 <= quote < end):
                     raise self.error(line, "unterminated ${ in string")
                 out.append(self._expand(text[self.i + 2 : end], line))
+                expands = True
                 self.i = end + 1
                 continue
             out.append(ch)
             self.i += 1
-        return _Token(_STRING, "".join(out), line, text[start : self.i])
+        return _Token(_STRING, "".join(out), line, text[start : self.i], expands)
 
     def _expand(self, ref: str, line: int) -> str:
         name = ref
@@ -316,6 +409,13 @@ class _Lexer:
 # --- parser ---------------------------------------------------------------
 
 
+class _Includes:
+    """Every file read in one parse: upstream refuses to include a file twice."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, Pos | None] = {}  # realpath -> where it was included (None: the top file)
+
+
 class _Parser:
     def __init__(
         self,
@@ -323,14 +423,16 @@ class _Parser:
         name: str,
         base_dir: str,
         env: Mapping[str, str],
-        stack: tuple[str, ...],
+        includes: _Includes,
     ) -> None:
         self.name = name
         self.base_dir = base_dir
         self.env = env
-        self.stack = stack
-        self.toks = list(_Lexer(text, name, env).tokens())
+        self.includes = includes
+        self.lexer = _Lexer(text, name, env)
+        self.toks = list(self.lexer.tokens())
         self.k = 0
+        self.depth = 0
 
     # token helpers
     def peek(self, ahead: int = 0) -> _Token:
@@ -348,13 +450,18 @@ class _Parser:
     def error(self, tok: _Token, message: str) -> ConfigError:
         return config_error(self.pos(tok), message)
 
-    @staticmethod
-    def ends_param(tok: _Token) -> bool:
-        return tok.kind in (_NEWLINE, _EOF, "}")
+    def hint(self) -> str:
+        """Why a separator before the next token is missing, when a trailing comment swallowed it."""
+        return _COMMENT_HINT if self.k > 0 and self.toks[self.k - 1].line in self.lexer.swallowed else ""
 
-    # grammar
+    def nest(self, tok: _Token) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise self.error(tok, f"blocks and arrays are nested more than {MAX_DEPTH} deep")
+
+    # grammar (upstream's)
     def parse_into(self, target: ConfigDict) -> None:
-        """Top level: parameters and includes until end of file."""
+        """Top level: parameters and includes until end of file; no separator needed between them."""
         while True:
             tok = self.peek()
             if tok.kind == _NEWLINE:
@@ -368,26 +475,32 @@ class _Parser:
             elif tok.kind == "}":
                 raise self.error(tok, 'unexpected "}" with no open block')
             else:
-                raise self.error(tok, f"expected a parameter name, got {tok.describe()}")
+                raise self.error(tok, f"expected a parameter name, got {tok.describe()}{self.hint()}")
 
     def block(self) -> ConfigDict:
         open_tok = self.advance()  # "{"
+        self.nest(open_tok)
         block = ConfigDict(self.pos(open_tok))
-        while True:
+        while self.peek().kind not in ("}", _EOF):
             tok = self.peek()
-            if tok.kind == _NEWLINE:
-                self.advance()
-            elif tok.kind == "}":
-                self.advance()
-                return block
-            elif tok.kind == _EOF:
-                raise self.error(open_tok, 'block opened here is never closed (missing "}")')
-            elif tok.kind == _NAME and tok.value == "include":
+            if tok.kind == _NAME and tok.value == "include":
                 raise self.error(tok, "include is only allowed at the top level of a file")
-            elif tok.kind == _NAME:
-                self.param(block)
-            else:
+            if tok.kind != _NAME:
                 raise self.error(tok, f"expected a parameter name, got {tok.describe()}")
+            self.param(block)
+            after = self.peek()
+            if after.kind == _NEWLINE:
+                self.advance()
+            elif after.kind not in ("}", _EOF):
+                raise self.error(
+                    after,
+                    f"expected a line break or \"}}\" before {after.describe()} (one parameter per line)"
+                    + self.hint(),
+                )
+        if self.advance().kind != "}":
+            raise self.error(open_tok, 'block opened here is never closed (missing "}")')
+        self.depth -= 1
+        return block
 
     def param(self, target: ConfigDict) -> None:
         name_tok = self.advance()
@@ -395,28 +508,25 @@ class _Parser:
         label: str | None = None
         tok = self.peek()
         if tok.kind == _NAME:
-            if self.ends_param(self.peek(1)):
+            if self.peek(1).kind == _NEWLINE:
                 self.advance()
                 if tok.value in ("true", "false"):
                     self.set(target, name, None, tok.value == "true", name_tok)
                 else:
                     # `provider github`: a label with no value is an empty block.
                     self.set(target, name, tok.value, ConfigDict(self.pos(tok)), name_tok)
-                self.end_param(name)
                 return
+            if self.peek(1).kind in (_EOF, "}"):
+                raise self.error(
+                    self.peek(1),
+                    f'"{name} {tok.value}" needs a line break after it (upstream reads a label with no value '
+                    "only when the line ends there)",
+                )
             label = self.advance().value
-        elif self.ends_param(tok):
+        elif tok.kind in (_NEWLINE, _EOF, "}"):
             raise self.error(name_tok, f'missing value for "{name}"')
         value = self.operand()
         self.set(target, name, label, value, name_tok)
-        self.end_param(name)
-
-    def end_param(self, name: str) -> None:
-        tok = self.peek()
-        if tok.kind == _NEWLINE:
-            self.advance()
-        elif tok.kind not in (_EOF, "}"):
-            raise self.error(tok, f'unexpected {tok.describe()} after the value of "{name}" (one parameter per line)')
 
     def operand(self) -> Any:
         tok = self.peek()
@@ -426,7 +536,11 @@ class _Parser:
             if tok.value in ("true", "false"):
                 self.advance()
                 return tok.value == "true"
-            raise self.error(tok, f"unexpected name {tok.value!r} where a value was expected (strings need double quotes)")
+            raise self.error(
+                tok,
+                f"unexpected name {tok.value!r} where a value was expected (strings need double quotes)"
+                + self.hint(),
+            )
         if tok.kind == "{":
             return self.block()
         if tok.kind == "[":
@@ -435,26 +549,25 @@ class _Parser:
 
     def array(self) -> list[Any]:
         open_tok = self.advance()  # "["
+        self.nest(open_tok)
         items: list[Any] = []
-        while True:
-            while self.peek().kind == _NEWLINE:
-                self.advance()
-            tok = self.peek()
-            if tok.kind == "]":
-                self.advance()
-                return items
-            if tok.kind == _EOF:
-                raise self.error(open_tok, 'array opened here is never closed (missing "]")')
+        while self.peek().kind not in ("]", _EOF):
             items.append(self.operand())
-            while self.peek().kind == _NEWLINE:
-                self.advance()
             tok = self.peek()
             if tok.kind == ",":
                 self.advance()
-            elif tok.kind == _EOF:
-                raise self.error(open_tok, 'array opened here is never closed (missing "]")')
-            elif tok.kind != "]":
+            elif tok.kind == _NEWLINE and tok.text == "\n":
+                raise self.error(
+                    tok,
+                    'line break before "," or "]" in an array: upstream\'s config language ends the '
+                    'value there; break the line after a comma instead',
+                )
+            elif tok.kind not in ("]", _EOF):
                 raise self.error(tok, f'expected "," or "]" in array, got {tok.describe()}')
+        if self.advance().kind != "]":
+            raise self.error(open_tok, 'array opened here is never closed (missing "]")')
+        self.depth -= 1
+        return items
 
     def set(self, target: ConfigDict, name: str, label: str | None, value: Any, name_tok: _Token) -> None:
         pos = self.pos(name_tok)
@@ -479,38 +592,69 @@ class _Parser:
         inc_tok = self.advance()
         tok = self.peek()
         if tok.kind == _STRING:
-            files = [self.advance().value]
+            strings = [self.advance()]
         elif tok.kind == "[":
+            start = self.k
             items = self.array()
             if not all(isinstance(item, str) for item in items):
                 raise self.error(tok, "include takes a string or an array of strings")
-            files = items
+            strings = [t for t in self.toks[start : self.k] if t.kind == _STRING]
         else:
             raise self.error(inc_tok, "include takes a string or an array of strings")
-        self.end_param("include")
-        for file in files:
-            self.include_file(target, file, inc_tok)
+        for string in strings:
+            if string.expands:
+                raise self.error(
+                    string,
+                    f"include {string.text}: upstream does not expand ${{...}} or escapes in include paths; write the path itself",
+                )
+        for string in strings:
+            self.include_file(target, string.value, string)
 
-    def include_file(self, target: ConfigDict, file: str, inc_tok: _Token) -> None:
+    def resolve(self, file: str) -> str | None:
+        """The included file: against the including file's directory, then the working directory."""
+        if os.path.isabs(file):
+            return file if os.path.exists(file) else None
+        for base in (self.base_dir, os.getcwd()):
+            candidate = os.path.join(base, file)
+            if os.path.exists(candidate):
+                return candidate
+        return None
+
+    def include_file(self, target: ConfigDict, file: str, tok: _Token) -> None:
         if not file:
-            raise self.error(inc_tok, "include of an empty path")
-        path = file if os.path.isabs(file) else os.path.join(self.base_dir, file)
+            raise self.error(tok, "include of an empty path")
+        path = self.resolve(file)
+        if path is None:
+            where = "" if os.path.isabs(file) else f" (looked in {self.base_dir or '.'} and in the working directory {os.getcwd()})"
+            raise self.error(tok, f"cannot include {file!r}: no such file{where}")
         real = os.path.realpath(path)
-        if real in self.stack:
-            chain = " -> ".join([*self.stack[self.stack.index(real) :], real])
-            raise self.error(inc_tok, f"include cycle: {chain}")
+        if real in self.includes.seen:
+            earlier = self.includes.seen[real]
+            how = "it is the file being read" if earlier is None else f"it is already included at {earlier}"
+            raise self.error(tok, f"cannot include {file!r}: {how} (upstream refuses a file included twice)")
+        self.includes.seen[real] = self.pos(tok)
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise self.error(inc_tok, f"cannot include {file!r}: {exc}") from None
-        sub = _Parser(text, path, os.path.dirname(path), self.env, (*self.stack, real))
+            raise self.error(tok, f"cannot include {file!r}: {_read_problem(exc)}") from None
+        sub = _Parser(text, path, os.path.dirname(path), self.env, self.includes)
         sub.parse_into(target)
 
 
+def _read_problem(exc: Exception) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not valid UTF-8 (byte {exc.start})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
 def _parse(text: str, name: str, base_dir: str, env: Mapping[str, str] | None, real: str | None) -> ConfigDict:
-    stack = (real,) if real else ()
+    includes = _Includes()
+    if real:
+        includes.seen[real] = None
     result = ConfigDict(Pos(name, 1))
-    _Parser(text, name, base_dir, os.environ if env is None else env, stack).parse_into(result)
+    _Parser(text, name, base_dir, os.environ if env is None else env, includes).parse_into(result)
     return result
 
 
@@ -529,10 +673,10 @@ def parse_text(
 
 
 def parse_file(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> ConfigDict:
-    """Parse a config file, following its includes relative to its own directory."""
+    """Parse a config file, following its includes (its own directory first, then the working directory)."""
     name = os.fspath(path)
     try:
         text = Path(name).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{name}: cannot read config file: {exc}") from None
+        raise ConfigError(f"{name}: cannot read config file: {_read_problem(exc)}") from None
     return _parse(text, name, os.path.dirname(name) or ".", env, os.path.realpath(name))

@@ -1,15 +1,20 @@
 """Typed worker and driver settings decoded from the config language.
 
-The decoders are strict where upstream was silently lenient: an unknown key,
-a value of the wrong type or an invalid choice is a ConfigError naming the key
-and the FILE:LINE it was written at, because a typo in a worker config should
-stop the worker at start-up, not surface as odd behaviour mid-build.
+A value of the wrong type or an invalid choice is a ConfigError naming the key
+and the FILE:LINE it was written at, because a bad value should stop the
+worker at start-up, not surface as odd behaviour mid-build.
 
-Upstream keys that the worker does not use but that shared or migrated files
-carry (`crypto { hash, auth }`, `provider { secret, client_id, ... }`,
-`store images {}`, `database { ssl {} }`) are accepted so those files keep
-working. Durations may also be written as strings (`timeout "30m"`), as in
-upstream's older example configs; sizes may be plain byte counts.
+Unknown keys are what upstream's decoder ignores, so they are warnings here,
+not errors (each names FILE:LINE and the key), and key names match case-
+insensitively as upstream's (`Pidfile` is `pidfile`). Upstream keys that the
+worker does not use (`crypto { hash, auth }`, `provider { secret, ... }`,
+`driver qemu { arch, image }`, ...) are accepted quietly or with a note.
+`database { ssl {} }` is upstream's deprecated spelling of `tls`: accepted
+with a deprecation warning, as upstream prints one. Durations written as
+strings (`timeout "60s"`, as upstream's dist/driver.conf does) work with a
+warning, because upstream's decoder refuses them; sizes may be plain byte
+counts. Warnings are collected in `.warnings` of the decoded config for the
+commands to print on standard error.
 
 Secrets (passwords, crypto keys, provider secrets) live in the dataclasses
 for the code that needs them but are hidden from repr() and never appear in
@@ -64,6 +69,8 @@ QEMU_ACCELS = ("auto", "kvm", "tcg")
 DEFAULT_PROVIDER_ENDPOINTS = {"github": "https://api.github.com", "gitlab": "https://gitlab.com/api/v4"}
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 DEFAULT_ORPHAN_TIMEOUT = datetime.timedelta(minutes=2)
+# Upstream decodes parallelism into a Go int32; more processes than that cannot be meant.
+MAX_PARALLELISM = (1 << 31) - 1
 # Upstream's dist/driver.conf uses 60s; upstream code has no default at all.
 DEFAULT_SSH_TIMEOUT = datetime.timedelta(seconds=60)
 MIB = 1 << 20
@@ -167,6 +174,8 @@ class WorkerConfig:
     metrics: str | None = None  # listen address for metrics, None = off
     host: str | None = None  # the Djinn server's address, for links to builds in mail
     orphan_timeout: datetime.timedelta = DEFAULT_ORPHAN_TIMEOUT
+    # "FILE:LINE: ..." lines about keys ignored or deprecated, for stderr.
+    warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def resolved_parallelism(self) -> int:
@@ -178,7 +187,12 @@ class WorkerConfig:
         return queue_for_driver(self.driver)
 
     def public_dict(self) -> dict[str, Any]:
-        """The settings safe to print or log: JSON-able, no passwords or keys."""
+        """Every effective setting safe to print or log: JSON-able, no passwords, keys or salts.
+
+        Secrets are shown only as whether they are set ("password_set"), so an
+        operator can tell an empty password from a forgotten one.
+        """
+        tls = self.database.tls
         return {
             "pidfile": self.pidfile,
             "log": {"level": self.log.level, "file": self.log.file},
@@ -186,17 +200,42 @@ class WorkerConfig:
             "driver": self.driver,
             "queue": self.queue,
             "timeout": _seconds(self.timeout),
-            "providers": sorted(self.providers),
-            "database": {"addr": self.database.addr, "name": self.database.name, "username": self.database.username},
-            "redis": {"addr": self.redis.addr},
+            "orphan_timeout": _seconds(self.orphan_timeout),
+            "metrics": self.metrics,
+            "host": self.host,
+            "providers": {
+                name: {
+                    "endpoint": p.endpoint,
+                    "oauth2_endpoint": p.oauth2_endpoint,
+                    "client_id": p.client_id,
+                    "secret_set": bool(p.secret),
+                    "client_secret_set": bool(p.client_secret),
+                }
+                for name, p in sorted(self.providers.items())
+            },
+            "crypto_set": self.crypto is not None,
+            "database": {
+                "addr": self.database.addr,
+                "name": self.database.name,
+                "username": self.database.username,
+                "password_set": bool(self.database.password),
+                "tls": None if tls is None else {"ca": tls.ca, "cert": tls.cert, "key": tls.key},
+            },
+            "redis": {"addr": self.redis.addr, "password_set": bool(self.redis.password)},
             "smtp": (
                 None
                 if self.smtp is None
-                else {"addr": self.smtp.addr, "admin": self.smtp.admin, "username": self.smtp.username}
+                else {
+                    "addr": self.smtp.addr,
+                    "admin": self.smtp.admin,
+                    "ca": self.smtp.ca,
+                    "username": self.smtp.username,
+                    "password_set": bool(self.smtp.password),
+                }
             ),
             "store": {
-                "artifacts": {"type": self.artifacts.type, "path": self.artifacts.path, "limit": int(self.artifacts.limit)},
-                "objects": {"type": self.objects.type, "path": self.objects.path},
+                name: None if store is None else {"type": store.type, "path": store.path, "limit": int(store.limit)}
+                for name, store in (("artifacts", self.artifacts), ("objects", self.objects), ("images", self.images))
             },
         }
 
@@ -209,7 +248,7 @@ class DockerSettings:
 
 @dataclass(frozen=True)
 class QemuSettings:
-    disks: str = "/var/lib/djinn/images"  # images are <disks>/_base/qemu/x86_64/<image>
+    disks: str = "/var/lib/djinn/images"  # images: <disks>/_base/qemu/x86_64/<image> or <disks>/qemu/x86_64/<image>
     cpus: int = 1
     memory: int = 2048  # MiB
     accel: str = "auto"  # kvm when /dev/kvm works, else tcg
@@ -237,6 +276,7 @@ class DriverConfig:
     ssh: SSHSettings | None = None
     os: OSSettings | None = None
     source: str | None = None
+    warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
     def defaults(cls) -> DriverConfig:
@@ -267,9 +307,14 @@ class DriverConfig:
         if self.docker is not None:
             out["docker"] = {"host": self.docker.host, "version": self.docker.version}
         if self.qemu is not None:
-            out["qemu"] = {"disks": self.qemu.disks, "cpus": self.qemu.cpus, "memory": self.qemu.memory}
+            out["qemu"] = {"disks": self.qemu.disks, "cpus": self.qemu.cpus, "memory": self.qemu.memory, "accel": self.qemu.accel}
         if self.ssh is not None:
-            out["ssh"] = {"timeout": _seconds(self.ssh.timeout), "user": self.ssh.user}
+            out["ssh"] = {
+                "timeout": _seconds(self.ssh.timeout),
+                "user": self.ssh.user,
+                "key": self.ssh.key,
+                "password_set": bool(self.ssh.password),
+            }
         if self.os is not None:
             out["os"] = {}
         return out
@@ -303,13 +348,17 @@ def _describe(value: Any) -> str:
 class _Section:
     """One block being decoded: typed getters that report errors at the key's line."""
 
-    def __init__(self, values: Any, source: str, path: str, pos: Pos) -> None:
+    def __init__(self, values: Any, source: str, path: str, pos: Pos, warnings: list[str]) -> None:
         self.source = source
         self.path = path  # dotted, e.g. "store.artifacts"; "" at the top level
         self.pos = pos
+        self.warnings = warnings
         if not isinstance(values, Mapping):
             raise config_error(pos, f"{path}: expected a block {{ ... }}, got {_describe(values)}")
         self.values = values
+
+    def warn(self, pos: Pos, message: str) -> None:
+        self.warnings.append(f"{pos}: {message}")
 
     def key_pos(self, key: str) -> Pos:
         if isinstance(self.values, ConfigDict):
@@ -322,14 +371,32 @@ class _Section:
     def error(self, key: str, message: str) -> ConfigError:
         return config_error(self.key_pos(key), f"{self.qual(key)}: {message}")
 
-    def check_keys(self, allowed: tuple[str, ...]) -> None:
-        for key in self.values:
-            if key not in allowed:
-                where = f" in {self.path}" if self.path else ""
-                raise config_error(
-                    self.key_pos(key),
-                    f'unknown key "{key}"{where} (expected one of: {", ".join(allowed)})',
-                )
+    def check_keys(self, allowed: tuple[str, ...], unused: tuple[str, ...] = ()) -> None:
+        """Match keys as upstream does (case-insensitively); warn about, and drop, the others.
+
+        `unused` are keys upstream knows that this worker does not use: dropped with a note.
+        """
+        known = {k.lower(): k for k in (*allowed, *unused)}
+        tracked = isinstance(self.values, ConfigDict)
+        renamed: Any = ConfigDict(self.values.pos) if tracked else {}
+        for key, value in self.values.items():
+            pos = self.key_pos(key)
+            canonical = key if key in allowed or key in unused else known.get(key.lower())
+            where = f" in {self.path}" if self.path else ""
+            if canonical is None:
+                self.warn(pos, f'unknown key "{key}"{where} ignored (known keys: {", ".join(allowed)})')
+                continue
+            if canonical in unused:
+                self.warn(pos, f'"{self.qual(canonical)}" is not used by this worker, ignored')
+                continue
+            if canonical in renamed:
+                continue  # upstream keeps the first field that folds to the name it matched; both exist rarely
+            renamed[canonical] = value
+            if tracked:
+                renamed.positions[canonical] = pos
+                if key in self.values.labelled:
+                    renamed.labelled.add(canonical)
+        self.values = renamed
 
     def is_labelled(self, key: str) -> bool | None:
         """Whether key was written with labels; None when not known (plain dict input)."""
@@ -371,6 +438,11 @@ class _Section:
                 value = parse_duration(value)
             except ConfigError as exc:
                 raise self.error(key, str(exc)) from None
+            self.warn(
+                self.key_pos(key),
+                f"{self.qual(key)}: a duration in quotes works here, but upstream's djinn-worker refuses it; "
+                "write it without quotes",
+            )
         if not isinstance(value, datetime.timedelta):
             hint = " (add a unit, e.g. 30m)" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
             raise self.error(key, f"expected a duration such as 90s, 30m or 1h30m, got {_describe(value)}{hint}")
@@ -403,7 +475,7 @@ class _Section:
         value = self.values[key]
         if not isinstance(value, Mapping):
             raise self.error(key, f"expected a block {{ ... }}, got {_describe(value)}")
-        return _Section(value, self.source, self.qual(key), self.key_pos(key))
+        return _Section(value, self.source, self.qual(key), self.key_pos(key), self.warnings)
 
     def group(self, key: str, example: str) -> list[tuple[str, Any, Pos]]:
         """The labelled entries at key as (label, value, pos); [] when absent."""
@@ -420,12 +492,12 @@ class _Section:
         qual = f"{self.qual(key)}.{label}"
         if not isinstance(value, Mapping):
             raise config_error(pos, f"{qual}: expected a block {{ ... }}, got {_describe(value)}")
-        return _Section(value, self.source, qual, pos)
+        return _Section(value, self.source, qual, pos, self.warnings)
 
 
-def _top(values: Mapping[str, Any], source: str) -> _Section:
+def _top(values: Mapping[str, Any], source: str, warnings: list[str]) -> _Section:
     pos = values.pos if isinstance(values, ConfigDict) else Pos(source)
-    return _Section(values, source, "", pos)
+    return _Section(values, source, "", pos, warnings)
 
 
 def _decode_log(top: _Section) -> LogSettings:
@@ -494,6 +566,8 @@ def _decode_database(top: _Section) -> DatabaseSettings:
     sec.check_keys(("addr", "name", "username", "password", "tls", "ssl"))
     if "tls" in sec.values and "ssl" in sec.values:
         raise sec.error("ssl", "give either tls or ssl (its old name), not both")
+    if "ssl" in sec.values:
+        sec.warn(sec.key_pos("ssl"), "database.ssl is deprecated, use tls instead (read as tls)")
     tls = _decode_tls(sec, "tls" if "tls" in sec.values else "ssl")
     default = DatabaseSettings()
     return DatabaseSettings(
@@ -532,9 +606,10 @@ def _decode_stores(top: _Section) -> dict[str, StoreSettings]:
     stores: dict[str, StoreSettings] = {}
     for name, value, pos in top.group("store", 'store artifacts { type "file" path "/var/lib/djinn/artifacts" }'):
         if name not in STORES:
-            raise config_error(pos, f'store: unknown store "{name}" (expected one of: {", ".join(STORES)})')
+            top.warn(pos, f'unknown store "{name}" ignored (known stores: {", ".join(STORES)})')
+            continue
         sec = top.labelled_block("store", name, value, pos)
-        sec.check_keys(("type", "path", "limit"))
+        sec.check_keys(("type", "path", "limit"), unused=("name",))
         stores[name] = StoreSettings(
             path=sec.get("path", sec.nonempty_string, f"/var/lib/djinn/{name}"),
             type=sec.get("type", sec.choice(("file",)), "file"),
@@ -565,11 +640,14 @@ def decode_worker(values: Mapping[str, Any], source: str = "<config>") -> Worker
     """A WorkerConfig from parsed values; `source` names the file when values carry no positions."""
     if isinstance(values, ConfigDict):
         source = values.pos.file if source == "<config>" else source
-    top = _top(values, source)
+    warnings: list[str] = []
+    top = _top(values, source, warnings)
     top.check_keys(WORKER_KEYS)
     parallelism = top.get("parallelism", top.integer, 0)
     if parallelism < 0:
         raise top.error("parallelism", "must be 0 (one per CPU) or more")
+    if parallelism > MAX_PARALLELISM:
+        raise top.error("parallelism", f"must be at most {MAX_PARALLELISM}")
     stores = _decode_stores(top)
     return WorkerConfig(
         driver=top.get("driver", top.choice(WORKER_DRIVERS)),
@@ -589,16 +667,17 @@ def decode_worker(values: Mapping[str, Any], source: str = "<config>") -> Worker
         metrics=top.get("metrics", top.nonempty_string, None),
         host=top.get("host", top.nonempty_string, None),
         orphan_timeout=top.get("orphan_timeout", top.duration, DEFAULT_ORPHAN_TIMEOUT),
+        warnings=tuple(warnings),
     )
 
 
 def _decode_docker(sec: _Section) -> DockerSettings:
-    sec.check_keys(("host", "version"))
+    sec.check_keys(("host", "version"), unused=("image", "workspace"))
     return DockerSettings(sec.get("host", sec.nonempty_string, None), sec.get("version", sec.nonempty_string, None))
 
 
 def _decode_qemu(sec: _Section) -> QemuSettings:
-    sec.check_keys(("disks", "cpus", "memory", "accel"))
+    sec.check_keys(("disks", "cpus", "memory", "accel"), unused=("arch", "image"))
     default = QemuSettings()
     cpus = sec.get("cpus", sec.integer, default.cpus)
     if cpus < 1:
@@ -623,7 +702,7 @@ def _decode_qemu(sec: _Section) -> QemuSettings:
 
 
 def _decode_ssh(sec: _Section) -> SSHSettings:
-    sec.check_keys(("timeout", "user", "password", "key"))
+    sec.check_keys(("timeout", "user", "password", "key"), unused=("addr",))
     return SSHSettings(
         timeout=sec.get("timeout", sec.duration, DEFAULT_SSH_TIMEOUT),
         user=sec.get("user", sec.nonempty_string, "root"),
@@ -649,14 +728,17 @@ def decode_driver(values: Mapping[str, Any], source: str = "<config>") -> Driver
     """A DriverConfig from parsed values: `driver <type> { ... }` blocks only."""
     if isinstance(values, ConfigDict):
         source = values.pos.file if source == "<config>" else source
-    top = _top(values, source)
+    warnings: list[str] = []
+    top = _top(values, source, warnings)
     top.check_keys(("driver",))
     found: dict[str, Any] = {}
-    for name, value, pos in top.group("driver", 'driver docker { host "unix:///var/run/docker.sock" }'):
+    for label, value, pos in top.group("driver", 'driver docker { host "unix:///var/run/docker.sock" }'):
+        name = label.lower()  # upstream matches driver names like keys, case-insensitively
         if name not in _DRIVER_DECODERS:
-            raise config_error(pos, f'driver: unknown driver "{name}" (expected one of: {", ".join(DRIVERS)})')
+            top.warn(pos, f'unknown driver "{label}" ignored (known drivers: {", ".join(DRIVERS)})')
+            continue
         found[name] = _DRIVER_DECODERS[name](top.labelled_block("driver", name, value, pos))
-    return DriverConfig(source=source, **found)
+    return DriverConfig(source=source, warnings=tuple(warnings), **found)
 
 
 def load_worker_config(path: str | os.PathLike[str]) -> WorkerConfig:

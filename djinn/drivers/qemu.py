@@ -90,14 +90,17 @@ def resolve_accel(accel: str) -> str:
 
 
 def image_path(disks: str, image: str) -> Path:
-    """`<disks>/_base/qemu/x86_64/<image>`; names may contain `/` but may not leave that directory."""
+    """The base image: `<disks>/_base/qemu/x86_64/<image>` (the worker's layout), else
+    `<disks>/qemu/x86_64/<image>` (upstream's offline runner's layout), whichever is a file;
+    the first when neither is. Names may contain `/` but may not leave those directories.
+    """
     if not image:
         raise DriverError("the qemu driver needs an image: set driver.image in the manifest")
-    base = Path(disks) / "_base" / "qemu" / ARCH
     parts = image.split("/")
     if image.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise DriverError(f"invalid qemu image name {image!r}: use a relative name such as debian/12")
-    return base.joinpath(*parts)
+    candidates = [Path(disks).joinpath(*layout, "qemu", ARCH, *parts) for layout in (("_base",), ())]
+    return next((path for path in candidates if path.is_file()), candidates[0])
 
 
 def user_image_path(disks: str | None, user_id: int, hash_: str) -> str:
