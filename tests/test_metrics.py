@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,8 @@ from docker_support import IMAGE
 from ops_support import health, http_get, main_signal, scrape, value, wait_exit, wait_for, wait_job_running
 from services import free_port
 from worker_support import WORKER
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "dist" / "grafana" / "djinn-workers.json"
 
 PASSING = """
 driver: {type: os}
@@ -131,6 +135,42 @@ def test_exposition_has_process_metrics_errors_and_no_created_series(worker_env)
     errors = {s.labels["kind"]: s.value for s in families["djinn_errors"].samples if s.name == "djinn_errors_total"}
     assert errors == {"database": 0, "broker": 0, "driver": 0, "internal": 0, "notify": 0}
     assert families["djinn_builds_finished"].type == "counter"
+
+    # Every expression of the Grafana dashboard in dist/ names series this exposition has.
+    exposed = _series_names(families.values())
+    expressions = _dashboard_expressions()
+    assert len(expressions) > 20
+    for expr in expressions:
+        names = set(re.findall(r"\b(?:djinn|process)_[a-z0-9_]+\b", expr))
+        assert names, f"no metric in {expr!r}"
+        assert names <= exposed, f"{expr!r} names {sorted(names - exposed)}, which /metrics does not have"
+
+
+def _series_names(families) -> set[str]:
+    """The names a query can use: also those of labelled families that have no sample yet."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
+    names = set()
+    for family in families:
+        names.add(family.name)
+        names.update(family.name + suffix for suffix in suffixes.get(family.type, ()))
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def _dashboard_expressions() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    found = []
+
+    def walk(panels) -> None:
+        for panel in panels:
+            found.extend(t["expr"] for t in panel.get("targets", []))
+            walk(panel.get("panels", []))
+
+    walk(dashboard["panels"])
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            found.append(variable["query"]["query"])
+    return found
 
 
 def _start_time(pid: int) -> float:
