@@ -32,8 +32,8 @@ import os
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterable
 
 from djinn.config import WorkerConfig
@@ -50,6 +50,8 @@ ERROR = "error"
 BUILD_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 900, 1200, 1800, 2700, 3600, 7200, float("inf"))
 JOB_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf"))
 WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, float("inf"))
+CREATE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, float("inf"))
+
 # djinn_errors_total{kind}: where the worker met a problem that was not a build's own.
 DATABASE = "database"
 BROKER = "broker"
@@ -60,9 +62,7 @@ ERROR_KINDS = (DATABASE, BROKER, DRIVER, INTERNAL, NOTIFY)
 KILLED = "killed"
 TIMEOUT = "timeout"
 NO_REASON = "none"
-REASONS = (NO_REASON, SCRIPT, DRIVER, SYSTEM, KILLED, TIMEOUT)
 
-CREATE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, float("inf"))
 
 _sock: socket.socket | None = None  # the sending end, inherited by pool processes
 _owner_pid: int | None = None
@@ -110,24 +110,17 @@ def failure_reason(status: str, failure: str | None = None) -> str:
 
 def error_kind(exc: BaseException) -> str:
     """The `kind` label of djinn_errors_total for an exception."""
+    import redis
+    from kombu.exceptions import OperationalError as KombuOperationalError
+    from sqlalchemy.exc import DBAPIError, DisconnectionError
+
+    from djinn.db import DatabaseError
     from djinn.errors import DriverError
 
-    try:
-        from sqlalchemy.exc import DBAPIError, DisconnectionError
-        from djinn.db import DatabaseError
-
-        if isinstance(exc, (DBAPIError, DisconnectionError, DatabaseError)):
-            return DATABASE
-    except ImportError:
-        pass
-    try:
-        import redis
-        from kombu.exceptions import OperationalError as KombuOperationalError
-
-        if isinstance(exc, (redis.RedisError, KombuOperationalError)):
-            return BROKER
-    except ImportError:
-        pass
+    if isinstance(exc, (DBAPIError, DisconnectionError, DatabaseError)):
+        return DATABASE
+    if isinstance(exc, (redis.RedisError, KombuOperationalError)):
+        return BROKER
     if isinstance(exc, DriverError):
         return DRIVER
     return INTERNAL

@@ -207,6 +207,23 @@ def test_failure_reasons_of_every_final_status():
     assert metrics.failure_reason("error") == metrics.failure_reason("lease_lost") == "system"
 
 
+def test_error_kinds_of_exceptions():
+    import redis
+    from kombu.exceptions import OperationalError as KombuOperationalError
+    from sqlalchemy.exc import OperationalError
+
+    from djinn import metrics
+    from djinn.db import DatabaseError
+    from djinn.errors import DriverError
+
+    assert metrics.error_kind(OperationalError("SELECT 1", {}, Exception("server closed the connection"))) == "database"
+    assert metrics.error_kind(DatabaseError("cannot connect to PostgreSQL")) == "database"
+    assert metrics.error_kind(redis.ConnectionError("refused")) == "broker"
+    assert metrics.error_kind(KombuOperationalError("refused")) == "broker"
+    assert metrics.error_kind(DriverError("no such image")) == "driver"
+    assert metrics.error_kind(KeyError("bug")) == "internal"
+
+
 def test_handed_back_build_counted_as_such(worker_env):
     port = _with_metrics(worker_env)
     proc = worker_env.start_worker()

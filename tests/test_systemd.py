@@ -25,7 +25,7 @@ VENV = Path(sys.executable).parent.parent  # the venv running the tests (not res
 LOG = "/var/log/djinn/worker.log"
 SERVICE = "djinn-worker@os.service"
 QUICK = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['id -un', 'echo built']}\n"
-SLOW = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo slow', 'sleep 6', 'echo done']}\n"
+SLOW = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo slow', 'sleep 12', 'echo done']}\n"
 _names = itertools.count(1)
 
 
