@@ -20,13 +20,13 @@ from djinn.status import Status
 from djinn.store import ArtifactStore, ObjectStore, StoredArtifact
 
 DEFAULT_TIMEOUT = 30 * 60
+CREATE_TIMEOUT = 5 * 60
 
 # Why a build failed, told apart for the operator (the metrics): its own commands,
 # the environment it runs in, or the worker itself.
 SCRIPT = "script"
 DRIVER = "driver"
 SYSTEM = "system"
-CREATE_TIMEOUT = 5 * 60
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,10 @@ def test_unit_runs_drains_reopens_and_restarts_under_systemd(worker_env, contain
     assert box.show("ActiveState") == "active" and _main_pid(box) == pid
     assert worker_env.wait_status(worker_env.submit(QUICK), timeout=90)["status"] == "passed"
     assert "passed" in box.log()  # the pool processes followed onto the new file
+    # `systemctl reload` (ExecReload: the main process only) does the same.
+    box.sh(f"mv {LOG} {LOG}.2 && systemctl reload {SERVICE}")
+    _wait(box, lambda: "log file reopened" in box.log(), 30, "the log to be reopened by systemctl reload")
+    assert _main_pid(box) == pid
 
     # A killed main process is restarted by Restart=on-failure.
     box.sh(f"systemctl kill -s KILL --kill-whom=main {SERVICE}")
