@@ -234,19 +234,22 @@ def _run_build(ctx: WorkerContext, build_id: int, run: shutdown.BuildRun) -> Sta
     driver_label = ctx.config.driver
     started = time.monotonic()
     metrics.emit("build_started", build=build_id, driver=driver_label, wait=float(row["waited"]))
-    outcome = metrics.ERROR
+    outcome = metrics.Outcome()
     try:
-        status = _run_claimed(ctx, build_id, lease, run, row)
-        outcome = str(status) if status is not None else outcome
+        status = _run_claimed(ctx, build_id, lease, run, row, outcome)
+        outcome.status = str(status) if status is not None else outcome.status
         return status
     except _HandedBack:
-        outcome = metrics.HANDED_BACK
+        outcome.status = metrics.HANDED_BACK
         return None
     except _LeaseLost:
-        outcome = metrics.LOST
+        outcome.status = metrics.LOST
         return None
     finally:
-        metrics.emit("build_finished", build=build_id, driver=driver_label, status=outcome, seconds=time.monotonic() - started)
+        metrics.emit(
+            "build_finished", build=build_id, driver=driver_label, status=outcome.status, failure=outcome.failure,
+            seconds=time.monotonic() - started,
+        )
 
 
 class _HandedBack(Exception):
@@ -257,7 +260,9 @@ class _LeaseLost(Exception):
     pass
 
 
-def _run_claimed(ctx: WorkerContext, build_id: int, lease: Lease, run: shutdown.BuildRun, row: RowMapping) -> Status:
+def _run_claimed(
+    ctx: WorkerContext, build_id: int, lease: Lease, run: shutdown.BuildRun, row: RowMapping, outcome: metrics.Outcome
+) -> Status:
     try:
         loaded = decode_build(ctx, row)
         settings = {
@@ -299,8 +304,10 @@ def _run_claimed(ctx: WorkerContext, build_id: int, lease: Lease, run: shutdown.
     finally:
         listener.stop()
         heartbeat.stop()
+    outcome.failure = runner.failure
     if runner.error is not None:
         log.error("build %s: internal error: %r", build_id, runner.error)
+        metrics.error(runner.error)
         notify.on_worker_error(ctx, build_id, runner.error)
     if heartbeat.lost:
         raise _LeaseLost()

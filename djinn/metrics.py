@@ -17,6 +17,11 @@ Served on the listen address:
 `djinn_builds_running` is computed when scraped from the builds started and not
 finished, leaving out those of a pool process that no longer exists (killed
 mid-build), so it cannot drift.
+
+For an operator used to GitLab Runner's set: `process_*` of the main process,
+`djinn_errors_total{kind}` (database, broker, driver, internal, notify) and a
+`reason` on every finished build (script, driver, system, killed, timeout; `none`
+for a build that passed or was handed back). Counters carry no `*_created` series.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterable
 
 from djinn.config import WorkerConfig
 from djinn.errors import DjinnError
 from djinn.plan import CREATE_DRIVER
-from djinn.runner import Reporter
+from djinn.runner import DRIVER, SCRIPT, SYSTEM, Reporter
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,18 @@ BUILD_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 900, 1200, 1800, 2700, 3600, 7
 JOB_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf"))
 WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, float("inf"))
 CREATE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, float("inf"))
+
+# djinn_errors_total{kind}: where the worker met a problem that was not a build's own.
+DATABASE = "database"
+BROKER = "broker"
+INTERNAL = "internal"
+NOTIFY = "notify"
+ERROR_KINDS = (DATABASE, BROKER, DRIVER, INTERNAL, NOTIFY)
+# The reason label of a finished build.
+KILLED = "killed"
+TIMEOUT = "timeout"
+NO_REASON = "none"
+
 
 _sock: socket.socket | None = None  # the sending end, inherited by pool processes
 _owner_pid: int | None = None
@@ -67,6 +85,79 @@ def emit(kind: str, **fields: Any) -> None:
         _sock.send(json.dumps(event).encode(), socket.MSG_DONTWAIT)
     except OSError:
         pass  # the main process is gone or swamped: a lost sample must not hurt the build
+
+
+@dataclass
+class Outcome:
+    """What the build_finished event tells: the final status and, for a failed build, what failed."""
+
+    status: str = ERROR
+    failure: str | None = None  # djinn.runner.SCRIPT, DRIVER or SYSTEM
+
+
+def failure_reason(status: str, failure: str | None = None) -> str:
+    """The `reason` label of a finished build."""
+    if status == "killed":
+        return KILLED
+    if status == "timed_out":
+        return TIMEOUT
+    if status == "failed":
+        return failure if failure in (SCRIPT, DRIVER, SYSTEM) else SYSTEM
+    if status in (ERROR, LOST):
+        return SYSTEM  # the worker could not finish it: the database, the broker or a bug
+    return NO_REASON
+
+
+def error_kind(exc: BaseException) -> str:
+    """The `kind` label of djinn_errors_total for an exception."""
+    import redis
+    from kombu.exceptions import OperationalError as KombuOperationalError
+    from sqlalchemy.exc import DBAPIError, DisconnectionError
+
+    from djinn.db import DatabaseError
+    from djinn.errors import DriverError
+
+    if isinstance(exc, (DBAPIError, DisconnectionError, DatabaseError)):
+        return DATABASE
+    if isinstance(exc, (redis.RedisError, KombuOperationalError)):
+        return BROKER
+    if isinstance(exc, DriverError):
+        return DRIVER
+    return INTERNAL
+
+
+def error(exc: BaseException | str) -> None:
+    """Count an error for djinn_errors_total: an exception (its kind is worked out) or a kind."""
+    if _sock is None:
+        return
+    emit("error", error_kind=exc if isinstance(exc, str) else error_kind(exc))
+
+
+def _on_task_failure(sender=None, exception: BaseException | None = None, **_: Any) -> None:
+    """A Celery task that ended in an exception: a build the worker could not run, a notification not sent."""
+    if exception is None or isinstance(exception, tuple(getattr(sender, "throws", None) or ())):
+        return  # an expected result (BuildFailed: the build failed), not a problem of the worker
+    kind = error_kind(exception)
+    if kind == INTERNAL and getattr(sender, "name", "") != "djinn.run_build":
+        kind = NOTIFY
+    error(kind)
+
+
+class _BrokerErrorCounter(logging.Filter):
+    """Counts Celery's "connection to the broker lost/refused" lines; changes nothing in the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and record.msg in _broker_messages():
+            error(BROKER)
+        return True
+
+
+def _broker_messages() -> tuple[str, ...]:
+    try:
+        from celery.worker.consumer import consumer
+    except ImportError:
+        return ()
+    return tuple(getattr(consumer, name) for name in ("CONNECTION_RETRY", "CONNECTION_ERROR") if hasattr(consumer, name))
 
 
 class ObservingReporter(Reporter):
@@ -127,7 +218,8 @@ class Exporter:
 
     def __init__(self, config: WorkerConfig) -> None:
         try:
-            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+            import prometheus_client
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
         except ImportError:
             raise DjinnError("the worker config sets `metrics` but prometheus_client is not installed (pip install prometheus_client)") from None
         from djinn.health import HealthChecker
@@ -137,13 +229,23 @@ class Exporter:
         self._running: dict[int, tuple[str, int]] = {}  # build id -> (driver, pid)
         self._lock = threading.Lock()
         self.health = HealthChecker(config)
+        prometheus_client.disable_created_metrics()  # a *_created beside every counter only clutters
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)  # process_*: the main process's CPU, memory, open files, start time
+        self.errors = Counter(
+            "djinn_errors",
+            "Problems the worker met that were not a build's own, by kind: "
+            "database, broker, driver (a build environment failed), internal (a bug), notify.",
+            ["kind"],
+            registry=r,
+        )
         self.started = Counter("djinn_builds_started_total", "Builds this worker started.", ["driver"], registry=r)
         self.finished = Counter(
             "djinn_builds_finished_total",
-            "Builds this worker finished, by final status (handed_back: given back to another worker at shutdown).",
-            ["driver", "status"],
+            "Builds this worker finished, by final status (handed_back: given back to another worker at shutdown) "
+            "and reason: script, driver, system, killed, timeout, or none.",
+            ["driver", "status", "reason"],
             registry=r,
         )
         self.build_seconds = Histogram(
@@ -173,6 +275,8 @@ class Exporter:
         r.register(_RunningCollector(self))
         # Pre-create the common series so dashboards see zeros rather than nothing.
         self.started.labels(self.driver)
+        for kind in ERROR_KINDS:
+            self.errors.labels(kind)
         self._recv, self._send = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._recv.set_inheritable(False)
         self.server: ThreadingHTTPServer | None = None
@@ -190,12 +294,17 @@ class Exporter:
                     self.wait_seconds.labels(driver).observe(max(0.0, float(event["wait"])))
             elif kind == "build_finished":
                 status = str(event.get("status"))
+                failure = event.get("failure")
                 self._running.pop(int(event["build"]), None)
-                self.finished.labels(driver, status).inc()
+                self.finished.labels(driver, status, failure_reason(status, failure)).inc()
+                if status == "failed" and failure == DRIVER:
+                    self.errors.labels(DRIVER).inc()
                 if event.get("seconds") is not None and status not in (HANDED_BACK, LOST, ERROR):
                     self.build_seconds.labels(driver, status).observe(float(event["seconds"]))
             elif kind == "job_finished":
                 self.job_seconds.labels(driver, str(event.get("status"))).observe(float(event["seconds"]))
+            elif kind == "error":
+                self.errors.labels(str(event.get("error_kind") or INTERNAL)).inc()
             elif kind == "driver_created":
                 self.create_seconds.labels(driver, str(event.get("status"))).observe(float(event["seconds"]))
 
@@ -264,6 +373,7 @@ class Exporter:
             raise DjinnError(f'metrics "{self.config.metrics}": cannot listen: {exc.strerror or exc}') from None
         self.server.socket.set_inheritable(False)
         threading.Thread(target=self._receive, name="metrics-events", daemon=True).start()
+        logging.getLogger("celery.worker.consumer.consumer").addFilter(_BrokerErrorCounter())
         threading.Thread(target=self.server.serve_forever, name="metrics-http", daemon=True).start()
         log.info("metrics and health on http://%s:%s/metrics and /healthz", host, self.server.server_address[1])
 
@@ -321,6 +431,12 @@ def start(config: WorkerConfig) -> Exporter | None:
     exporter = Exporter(config)
     exporter.start()
     _exporter, _owner_pid, _sock = exporter, os.getpid(), exporter._send
+    try:
+        from celery.signals import task_failure
+
+        task_failure.connect(_on_task_failure, weak=False)
+    except ImportError:
+        pass
     return exporter
 
 

@@ -38,3 +38,6 @@ class Periodic:
                     return
             except Exception as exc:  # broker or database away: the next pass tries again
                 log.warning("%s: %s", self.name, exc)
+                from djinn import metrics
+
+                metrics.error(exc)

@@ -22,6 +22,12 @@ from djinn.store import ArtifactStore, ObjectStore, StoredArtifact
 DEFAULT_TIMEOUT = 30 * 60
 CREATE_TIMEOUT = 5 * 60
 
+# Why a build failed, told apart for the operator (the metrics): its own commands,
+# the environment it runs in, or the worker itself.
+SCRIPT = "script"
+DRIVER = "driver"
+SYSTEM = "system"
+
 
 @dataclass(frozen=True)
 class Variable:
@@ -82,6 +88,8 @@ class Runner:
         self.create_timeout = create_timeout
         #: An unexpected exception met while running (a bug, not a failed build), for the caller to report.
         self.error: BaseException | None = None
+        #: SCRIPT, DRIVER or SYSTEM: what made the build `failed`; None while nothing did.
+        self.failure: str | None = None
         self._secrets = [v.value for v in self.variables if v.masked] + [k.key for k in self.keys]
         self._lock = threading.Lock()
         self._interrupted: Status | None = None
@@ -141,6 +149,7 @@ class Runner:
         timer.daemon = True
         timer.start()
         status = Status.PASSED
+        cause = DRIVER
         try:
             self.driver.create(self.env, write)
             if self._interrupted is None:
@@ -151,13 +160,15 @@ class Runner:
         except Exception as exc:  # a bug: fail the build and let the caller report it
             self.error = exc
             write(f"djinn: internal error creating the driver: {exc!r}\n".encode())
-            status = Status.FAILED
+            status, cause = Status.FAILED, SYSTEM
         finally:
             timer.cancel()
         if self._create_expired and self._interrupted is None:
             write(f"djinn: driver creation did not finish within {_duration(self.create_timeout)}\n".encode())
             status = Status.FAILED
         status = max(status, self._interrupted or Status.PASSED)
+        if status is Status.FAILED:
+            self.failure = self.failure or cause
         self._finish_output(job, masker)
         self.reporter.job_finished(job, status, ran=True)
         return status
@@ -184,21 +195,24 @@ class Runner:
         self.reporter.job_started(job)
         masker = Masker(self._secrets)
         write = self._writer(job, masker)
+        cause = SCRIPT
         try:
             code = self.driver.execute(job.name, job_script(job.commands), write)
         except DjinnError as exc:
             write(f"\ndjinn: {exc}\n".encode())
-            code = -1
+            code, cause = -1, DRIVER
         except Exception as exc:  # a bug: fail the job and let the caller report it
             self.error = exc
             write(f"\ndjinn: internal error running the job: {exc!r}\n".encode())
-            code = -1
+            code, cause = -1, SYSTEM
         if self._interrupted is not None:
             status = self._interrupted
         elif code == 0:
             status = Status.PASSED
         else:
             status = Status.PASSED_WITH_FAILURES if can_fail else Status.FAILED
+        if status is Status.FAILED:
+            self.failure = self.failure or cause
         if self._interrupted is None:
             self._collect(job, write)
         self._finish_output(job, masker)

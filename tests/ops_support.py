@@ -24,10 +24,9 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str =
 
 
 def job_status(env, build_id: int, job: str) -> str | None:
-    for j in env.status(build_id)["jobs"]:
-        if j["name"] == job:
-            return j["status"]
-    return None
+    """Read from the database directly: a `status` command takes seconds on a loaded machine, a short job can run in between."""
+    rows = env.sql("SELECT status FROM build_jobs WHERE build_id = :build AND name = :job", build=build_id, job=job)
+    return str(rows[0][0]) if rows else None
 
 
 def wait_job_running(env, build_id: int, job: str = "a.1", timeout: float = 30.0) -> None:

@@ -276,3 +276,24 @@ def test_sysvinit_start_reports_a_worker_that_cannot_start(worker_env, script):
     assert res.returncode == 1
     assert "failed to start" in res.stderr and "cannot connect to Redis at 127.0.0.1:1" in res.stderr
     assert not s.pidfile.exists()
+
+
+# -- Grafana ---------------------------------------------------------------------------
+
+DASHBOARD = ROOT / "dist" / "grafana" / "djinn-workers.json"
+
+
+def test_grafana_dashboard_is_importable_json():
+    """Valid JSON of Grafana's dashboard model; its expressions are checked against /metrics in test_metrics."""
+    import json
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["title"] and dashboard["uid"] and isinstance(dashboard["schemaVersion"], int)
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    for panel in panels:
+        assert {"x", "y", "w", "h"} <= panel["gridPos"].keys(), panel["title"]
+        if panel["type"] != "row":
+            assert panel["targets"] and all(t["expr"] and t["refId"] for t in panel["targets"]), panel["title"]
+            assert panel["datasource"]["uid"] == "${datasource}"
+    assert [v["name"] for v in dashboard["templating"]["list"]] == ["datasource", "job", "instance"]

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
-from ops_support import health, main_signal, scrape, value, wait_exit, wait_for, wait_job_running
+import pytest
+
+from docker_support import IMAGE
+from ops_support import health, http_get, main_signal, scrape, value, wait_exit, wait_for, wait_job_running
 from services import free_port
 from worker_support import WORKER
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "dist" / "grafana" / "djinn-workers.json"
 
 PASSING = """
 driver: {type: os}
@@ -56,9 +64,9 @@ def test_counters_and_histograms_move_with_builds(worker_env):
     assert value(during, "djinn_builds_started_total", driver="os") == 4
     assert worker_env.wait_status(slow)["status"] == "passed"
 
-    after = _settled(port, "djinn_builds_finished_total", 3, driver="os", status="passed")
+    after = _settled(port, "djinn_builds_finished_total", 3, driver="os", status="passed", reason="none")
     assert value(after, "djinn_builds_started_total", driver="os") == 4
-    assert value(after, "djinn_builds_finished_total", driver="os", status="failed") == 1
+    assert value(after, "djinn_builds_finished_total", driver="os", status="failed", reason="script") == 1
     assert value(after, "djinn_builds_running", driver="os") == 0
 
     # Histograms: one observation per build / job / creation, sums that are real durations.
@@ -93,17 +101,127 @@ def test_health_fails_while_redis_or_postgres_is_down(worker_env, redis_server, 
     finally:
         redis_server.start()
     wait_for(lambda: health(port)[0] == 200, 30, "health to come back with Redis")
+    # Celery noticed the lost broker connection; the worker counted it.
+    wait_for(lambda: value(scrape(port), "djinn_errors_total", kind="broker") >= 1, 60, "a broker error to be counted")
 
     postgres.stop()
     try:
         code, body = health(port)
         assert code == 503, body
         assert body["broker"]["ok"] and not body["database"]["ok"]
+        # The reaper's passes fail meanwhile: counted as database errors.
+        wait_for(lambda: value(scrape(port), "djinn_errors_total", kind="database") >= 1, 30, "a database error to be counted")
     finally:
         postgres.start()
     wait_for(lambda: health(port)[0] == 200, 30, "health to come back with PostgreSQL")
     # The worker went on: it still runs builds.
     assert worker_env.wait_status(worker_env.submit(FAILING), timeout=60)["status"] == "failed"
+
+
+def test_exposition_has_process_metrics_errors_and_no_created_series(worker_env):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = _with_metrics(worker_env)
+    proc = worker_env.start_worker()
+    code, body = http_get(f"http://127.0.0.1:{port}/metrics")
+    assert code == 200
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    samples = [s for f in families.values() for s in f.samples]
+    assert not [s.name for s in samples if s.name.endswith("_created")]
+    # process_* describe the worker's main process (the default ProcessCollector).
+    for name in ("process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds", "process_start_time_seconds"):
+        assert name in families, sorted(families)
+    assert families["process_start_time_seconds"].samples[0].value == pytest.approx(_start_time(proc.pid), abs=2)
+    errors = {s.labels["kind"]: s.value for s in families["djinn_errors"].samples if s.name == "djinn_errors_total"}
+    assert errors == {"database": 0, "broker": 0, "driver": 0, "internal": 0, "notify": 0}
+    assert families["djinn_builds_finished"].type == "counter"
+
+    # Every expression of the Grafana dashboard in dist/ names series this exposition has.
+    exposed = _series_names(families.values())
+    expressions = _dashboard_expressions()
+    assert len(expressions) > 20
+    for expr in expressions:
+        names = set(re.findall(r"\b(?:djinn|process)_[a-z0-9_]+\b", expr))
+        assert names, f"no metric in {expr!r}"
+        assert names <= exposed, f"{expr!r} names {sorted(names - exposed)}, which /metrics does not have"
+
+
+def _series_names(families) -> set[str]:
+    """The names a query can use: also those of labelled families that have no sample yet."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
+    names = set()
+    for family in families:
+        names.add(family.name)
+        names.update(family.name + suffix for suffix in suffixes.get(family.type, ()))
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def _dashboard_expressions() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    found = []
+
+    def walk(panels) -> None:
+        for panel in panels:
+            found.extend(t["expr"] for t in panel.get("targets", []))
+            walk(panel.get("panels", []))
+
+    walk(dashboard["panels"])
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            found.append(variable["query"]["query"])
+    return found
+
+
+def _start_time(pid: int) -> float:
+    """When process `pid` started, in seconds since the epoch (from /proc, as ProcessCollector reads it)."""
+    ticks = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19])
+    boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime "))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def test_script_and_driver_failures_have_their_own_reasons(worker_env, docker_api):
+    port = _with_metrics(worker_env)
+    worker_env.write_config(driver="docker", driver_config="driver docker {}\n", extra=f'metrics "127.0.0.1:{port}"')
+    worker_env.start_worker()
+    script = worker_env.submit(f"driver: {{type: docker, image: '{IMAGE}', workspace: /build}}\nstages: [a]\njobs:\n  - {{stage: a, commands: ['exit 3']}}\n")
+    missing = worker_env.submit("driver: {type: docker, image: 'djinn-test/no-such-image:none', workspace: /build}\nstages: [a]\njobs:\n  - {stage: a, commands: ['true']}\n")
+    assert worker_env.wait_status(script, timeout=120)["status"] == "failed"
+    assert worker_env.wait_status(missing, timeout=120)["status"] == "failed"
+    after = _settled(port, "djinn_builds_finished_total", 1, driver="docker", status="failed", reason="driver")
+    assert value(after, "djinn_builds_finished_total", driver="docker", status="failed", reason="script") == 1
+    assert value(after, "djinn_errors_total", kind="driver") == 1  # the script's failure is the build's, not an error
+    assert value(after, "djinn_errors_total", kind="internal") == 0
+
+
+def test_failure_reasons_of_every_final_status():
+    from djinn import metrics
+
+    assert metrics.failure_reason("passed") == metrics.failure_reason("passed_with_failures") == "none"
+    assert metrics.failure_reason("handed_back") == "none"
+    assert metrics.failure_reason("failed", "script") == "script"
+    assert metrics.failure_reason("failed", "driver") == "driver"
+    assert metrics.failure_reason("failed", None) == "system"  # failed before it ran: it could not be loaded
+    assert metrics.failure_reason("killed") == "killed"
+    assert metrics.failure_reason("timed_out") == "timeout"
+    assert metrics.failure_reason("error") == metrics.failure_reason("lease_lost") == "system"
+
+
+def test_error_kinds_of_exceptions():
+    import redis
+    from kombu.exceptions import OperationalError as KombuOperationalError
+    from sqlalchemy.exc import OperationalError
+
+    from djinn import metrics
+    from djinn.db import DatabaseError
+    from djinn.errors import DriverError
+
+    assert metrics.error_kind(OperationalError("SELECT 1", {}, Exception("server closed the connection"))) == "database"
+    assert metrics.error_kind(DatabaseError("cannot connect to PostgreSQL")) == "database"
+    assert metrics.error_kind(redis.ConnectionError("refused")) == "broker"
+    assert metrics.error_kind(KombuOperationalError("refused")) == "broker"
+    assert metrics.error_kind(DriverError("no such image")) == "driver"
+    assert metrics.error_kind(KeyError("bug")) == "internal"
 
 
 def test_handed_back_build_counted_as_such(worker_env):
@@ -120,7 +238,7 @@ def test_handed_back_build_counted_as_such(worker_env):
     main_signal(proc, signal.SIGTERM)
     # The listener lives as long as the worker: read the counter before it exits.
     wait_for(
-        lambda: value(scrape(port), "djinn_builds_finished_total", driver="os", status="handed_back") == 1,
+        lambda: value(scrape(port), "djinn_builds_finished_total", driver="os", status="handed_back", reason="none") == 1,
         15,
         "the hand-back to be counted",
     )
@@ -131,7 +249,7 @@ def test_celery_command_serves_metrics_too(worker_env):
     port = _with_metrics(worker_env)
     worker_env.start_worker(celery=True, name="celery")
     assert worker_env.wait_status(worker_env.submit(FAILING))["status"] == "failed"
-    _settled(port, "djinn_builds_finished_total", 1, driver="os", status="failed")
+    _settled(port, "djinn_builds_finished_total", 1, driver="os", status="failed", reason="script")
 
 
 def test_taken_metrics_port_stops_the_start_with_a_clear_error(worker_env):
