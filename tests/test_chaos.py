@@ -16,11 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 
 from djinn.config import DriverConfig, load_worker_config
 from djinn.context import WorkerContext
-from djinn.queue import RUN_BUILD, enqueue
+from djinn.queue import enqueue
 from djinn.runner import Variable
 from djinn.submit import submit
 
