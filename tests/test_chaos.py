@@ -306,23 +306,26 @@ class Chaos:
     events: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
-    def submitter(self, ctx: WorkerContext, until: float) -> None:
-        """Submit the builds spread over the chaos, retrying while PostgreSQL or Redis is away."""
-        marks = self.env.root / "marks"
-        for i in range(self.builds):
-            due = time.monotonic() + (until - time.monotonic()) / max(self.builds - i, 1)
-            path = marks / f"{i}.txt"
-            while True:
-                try:
-                    done = submit(
-                        ctx.sessions, CHAOS_JOB, username="chaos", variables=[Variable("MARK", str(path))],
-                        enqueue=lambda build_id, queue: enqueue(ctx.app, build_id, queue),
-                    )
-                    self.submitted[done.id] = path
-                    break
-                except Exception as exc:  # a service is restarting: try again
-                    self.events.append(f"submit {i} retried: {exc}")
-                    time.sleep(0.5)
+    def submit_one(self, ctx: WorkerContext, i: int) -> None:
+        """Submit build number `i`, retrying while PostgreSQL or Redis is away."""
+        path = self.env.root / "marks" / f"{i}.txt"
+        while True:
+            try:
+                done = submit(
+                    ctx.sessions, CHAOS_JOB, username="chaos", variables=[Variable("MARK", str(path))],
+                    enqueue=lambda build_id, queue: enqueue(ctx.app, build_id, queue),
+                )
+                self.submitted[done.id] = path
+                return
+            except Exception as exc:  # a service is restarting: try again
+                self.events.append(f"submit {i} retried: {exc}")
+                time.sleep(0.5)
+
+    def submitter(self, ctx: WorkerContext, numbers: range, until: float) -> None:
+        """Submit builds `numbers` spread until `until`."""
+        for left, i in zip(range(len(numbers), 0, -1), numbers):
+            due = time.monotonic() + (until - time.monotonic()) / left
+            self.submit_one(ctx, i)
             time.sleep(max(due - time.monotonic(), 0))
 
     def kill_one(self) -> None:
@@ -350,8 +353,10 @@ def test_chaos_kills_and_restarts_lose_nothing_and_run_nothing_twice(worker_env,
     for i in range(3):
         chaos.workers[f"w{i}"] = worker_env.start_worker(name=f"w{i}")
     ctx = context_for(worker_env)
+    # Most builds spread over the run; a burst just before Redis restarts, so some are waiting then.
+    burst = range(builds - min(12, builds // 4), builds)
     start = time.monotonic()
-    feeder = threading.Thread(target=chaos.submitter, args=(ctx, start + seconds * 0.7), daemon=True)
+    feeder = threading.Thread(target=chaos.submitter, args=(ctx, range(burst.start), start + seconds * 0.7), daemon=True)
     feeder.start()
 
     kills = max(3, int(seconds / 25))
@@ -363,8 +368,11 @@ def test_chaos_kills_and_restarts_lose_nothing_and_run_nothing_twice(worker_env,
             if what == "kill":
                 chaos.kill_one()
             elif what == "redis":
+                for i in burst:
+                    chaos.submit_one(ctx, i)
+                waiting = worker_env.sql("SELECT count(*) FROM builds WHERE status = 'queued'")[0][0]
                 redis_server.restart()  # `--save "" --appendonly no`: every message is lost
-                chaos.events.append("redis restarted empty")
+                chaos.events.append(f"redis restarted empty with {waiting} builds queued")
             else:
                 postgres.stop()
                 time.sleep(5)
