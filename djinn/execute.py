@@ -5,8 +5,9 @@ Plain functions with no Celery in them: the task in djinn.tasks.build calls
 
 Under faults (djinn.lease has the guarantees):
 - PostgreSQL unreachable at the claim: the claim is tried again with backoff
-  for CLAIM_PATIENCE, then ClaimDeferred tells the task to give the message back
-  to the queue; the message is never acknowledged as if the build had run.
+  for `orphan_timeout` (at least MIN_CLAIM_PATIENCE), then ClaimDeferred tells
+  the task to give the message back to the queue; the message is never
+  acknowledged as if the build had run.
 - The heartbeat beats until the final write has landed; that write is tried
   again with backoff while PostgreSQL is away, so a job that finished is not run
   again because of a database blip.
@@ -42,8 +43,9 @@ from djinn.store import FileStore, StoreError
 
 log = logging.getLogger(__name__)
 
-#: How long a claim waits for an unreachable PostgreSQL before its message goes back to the queue.
-CLAIM_PATIENCE = 60.0
+#: A claim waits orphan_timeout, and at least this long, for an unreachable PostgreSQL
+#: before its message goes back to the queue.
+MIN_CLAIM_PATIENCE = 10.0
 #: The final write waits at least this long (and at least 10 orphan_timeouts) for PostgreSQL.
 FINAL_WRITE_PATIENCE = 600.0
 #: How often the fence watch looks at the clock: a frozen run stops this soon after it resumes.
@@ -322,7 +324,7 @@ def _run_build(ctx: WorkerContext, build_id: int, run: shutdown.BuildRun) -> Sta
         lease, row = retry_while_unavailable(
             ctx.sessions,
             claim_and_fetch,
-            patience=CLAIM_PATIENCE,
+            patience=max(MIN_CLAIM_PATIENCE, ctx.config.orphan_timeout.total_seconds()),
             stop=lambda: run.handed_back,
             what=f"build {build_id}: claim",
         )

@@ -166,20 +166,28 @@ jobs:
 """
 
 
-def test_build_delivered_while_postgres_is_down_runs_once_it_is_back(worker_env, postgres):
+def test_build_delivered_while_postgres_is_down_runs_once_it_is_back(worker_env, postgres, redis_server):
+    import redis
+
+    from djinn.reaper import in_broker
+
     worker_env.start_worker()
     ctx = context_for(worker_env)
     marker = worker_env.root / "once.txt"
     submitted = submit(ctx.sessions, ONCE, username="pg", variables=[Variable("MARK", str(marker))], enqueue=lambda *_: None)
     ctx.close()
     log = worker_env.root / "worker.log"
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
     postgres.stop()
     try:
         enqueue(ctx.app, submitted.id, submitted.queue)
         wait_for(lambda: f"build {submitted.id}: claim: PostgreSQL unreachable" in log.read_text(), 60, "the claim fails")
-        time.sleep(3)  # PostgreSQL stays away for a while: the claim keeps trying (and the message is not acknowledged)
+        # Past the claim's patience (10 s here) the message goes back to the queue, not acknowledged as done.
+        wait_for(lambda: "its message goes back to the queue" in log.read_text(), 60, "the message is rejected")
+        assert submitted.id in in_broker(client, ["builds_os"], 60), "the message was lost"
     finally:
         postgres.start()
+        client.close()
     info = worker_env.wait_status(submitted.id, timeout=90)
     assert info["status"] == "passed", worker_env.log_tail()
     assert len(read_marks(marker)) == 1

@@ -8,7 +8,7 @@ an expected outcome, not as an error with a traceback. Any other exception is a
 bug in the worker and is mailed to the operator with its traceback.
 
 A build that cannot be claimed because PostgreSQL is unreachable (after the
-claim's own retries, djinn.execute.CLAIM_PATIENCE) is rejected back to the queue
+claim's own retries for orphan_timeout) is rejected back to the queue
 rather than acknowledged: with acks_late the message is still unacknowledged, and
 Reject(requeue=True) puts it back on the Redis list for the next free worker.
 """
