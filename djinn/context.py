@@ -35,8 +35,18 @@ class WorkerContext:
         return self.config.orphan_timeout * 3 / 4
 
     @property
+    def fence_after(self) -> float:
+        """Seconds without a heartbeat that landed after which a run stops itself (djinn.lease).
+
+        1/8 of orphan_timeout before anyone may call the lease stale, so the old run
+        is gone before another worker can start the build again.
+        """
+        return self.config.orphan_timeout.total_seconds() * 5 / 8
+
+    @property
     def heartbeat_interval(self) -> float:
-        return self.config.orphan_timeout.total_seconds() / 4
+        # Four beats fit in the fence window: a database away for half of orphan_timeout stops nothing.
+        return self.config.orphan_timeout.total_seconds() / 8
 
     @property
     def reaper_interval(self) -> float:
@@ -45,7 +55,8 @@ class WorkerContext:
 
     @cached_property
     def engine(self) -> Engine:
-        return make_engine(self.config.database)
+        # A transaction left open by a frozen worker ends before its lease could be taken over.
+        return make_engine(self.config.database, idle_transaction_timeout=self.stale_after.total_seconds())
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:

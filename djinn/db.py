@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from djinn.config import DatabaseSettings
 from djinn.errors import DjinnError
 
 
+log = logging.getLogger(__name__)
+
+
 class DatabaseError(DjinnError):
     """PostgreSQL cannot be reached or refused what the worker asked."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """PostgreSQL stayed unreachable for as long as the caller was willing to wait."""
 
 
 def database_url(settings: DatabaseSettings) -> URL:
@@ -43,7 +51,7 @@ PING_AFTER_IDLE = 1.0
 T = TypeVar("T")
 
 
-def make_engine(settings: DatabaseSettings, **kwargs) -> Engine:
+def make_engine(settings: DatabaseSettings, *, idle_transaction_timeout: float | None = None, **kwargs) -> Engine:
     """An engine that survives a restarted server without a round trip per checkout.
 
     SQLAlchemy's pool_pre_ping would ping before every use, several times a build.
@@ -51,6 +59,10 @@ def make_engine(settings: DatabaseSettings, **kwargs) -> Engine:
     restart between builds is noticed there and the connection replaced); one used
     moments ago is trusted, and `retry_on_disconnect` covers the rare restart that
     falls within that moment.
+
+    With `idle_transaction_timeout` (seconds) the server ends a transaction whose
+    client went quiet in the middle of it: a frozen worker (SIGSTOP, a paused VM)
+    must not keep a build's row locked, or nobody could take the build over.
     """
     kwargs.setdefault("pool_size", 4)
     # The server's TIMESTAMP columns hold UTC wall-clock time: now() and the times the
@@ -60,7 +72,25 @@ def make_engine(settings: DatabaseSettings, **kwargs) -> Engine:
     kwargs.setdefault("executemany_mode", "values_plus_batch")
     engine = create_engine(database_url(settings), **kwargs)
     _ping_when_idle(engine)
+    if idle_transaction_timeout:
+        _end_idle_transactions(engine, idle_transaction_timeout)
     return engine
+
+
+def _end_idle_transactions(engine: Engine, seconds: float) -> None:
+    milliseconds = max(int(seconds * 1000), 1000)
+
+    def on_connect(dbapi_connection, record) -> None:
+        # A SET per connection rather than a startup option: connection poolers refuse unknown startup options.
+        try:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute(f"SET idle_in_transaction_session_timeout = {milliseconds}")
+            dbapi_connection.commit()
+        except Exception as exc:  # an older server or a pooler that refuses it: run without
+            log.warning("cannot set idle_in_transaction_session_timeout: %s", exc)
+            dbapi_connection.rollback()
+
+    event.listen(engine, "connect", on_connect)
 
 
 def _ping_when_idle(engine: Engine) -> None:
@@ -90,6 +120,60 @@ def retry_on_disconnect(factory: sessionmaker[Session], work: Callable[[Session]
             raise
     with transaction(factory) as session:
         return work(session)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the server could not be used just now (down, restarting, connection lost).
+
+    Such work may succeed when tried again; an error in the SQL itself never does.
+    """
+    if isinstance(exc, (OperationalError, InterfaceError, DisconnectionError)):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def retry_while_unavailable(
+    factory: sessionmaker[Session],
+    work: Callable[[Session], T],
+    *,
+    patience: float,
+    stop: Callable[[], bool] = lambda: False,
+    what: str = "database work",
+    first_delay: float = 0.2,
+    max_delay: float = 2.0,
+) -> T:
+    """Run `work` in a transaction, again and again with backoff while PostgreSQL is unreachable.
+
+    Raises DatabaseUnavailable once `patience` seconds have passed, or as soon as
+    `stop()` is true, without having run `work` to its end; any other error at once.
+    """
+    deadline = time.monotonic() + patience
+    delay = first_delay
+    failures = 0
+    while True:
+        try:
+            with transaction(factory) as session:
+                result = work(session)
+            if failures:
+                log.info("%s: PostgreSQL answered again after %d failed tries", what, failures)
+            return result
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            failures += 1
+            reason = _first_line(exc)
+            if stop() or time.monotonic() + delay > deadline:
+                raise DatabaseUnavailable(f"{what}: PostgreSQL unreachable for {failures} tries: {reason}") from None
+            if failures == 1 or failures % 10 == 0:
+                log.warning("%s: PostgreSQL unreachable (%s); trying again", what, reason)
+        time.sleep(delay)
+        delay = min(delay * 2, max_delay)
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text_ = str(orig if orig is not None else exc).strip()
+    return text_.splitlines()[0] if text_ else type(exc).__name__
 
 
 def check_connection(engine: Engine) -> None:

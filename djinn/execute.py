@@ -2,6 +2,17 @@
 
 Plain functions with no Celery in them: the task in djinn.tasks.build calls
 `run_build`, and tests can call it too.
+
+Under faults (djinn.lease has the guarantees):
+- PostgreSQL unreachable at the claim: the claim is tried again with backoff
+  for `orphan_timeout` (at least MIN_CLAIM_PATIENCE), then ClaimDeferred tells
+  the task to give the message back to the queue; the message is never
+  acknowledged as if the build had run.
+- The heartbeat beats until the final write has landed; that write is tried
+  again with backoff while PostgreSQL is away, so a job that finished is not run
+  again because of a database blip.
+- Fencing: once the lease may be gone (a beat matched no row, or none landed for
+  `fence_after`) the running job is stopped at once and nothing more is written.
 """
 
 from __future__ import annotations
@@ -11,22 +22,21 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from sqlalchemy import RowMapping, select, text
 
 from djinn import logs, metrics, notify, shutdown
 from djinn.context import WorkerContext
 from djinn.crypto import hasher
-from djinn.db import retry_on_disconnect, transaction
+from djinn.db import DatabaseUnavailable, is_unavailable, retry_while_unavailable, transaction
 from djinn.drivers import make_driver
 from djinn.drivers.qemu import user_image_path
 from djinn.errors import DjinnError
 from djinn.kill import KillListener
-from djinn.lease import Lease, abandon, beat, claim
+from djinn.lease import Lease, abandon, beat, claim, finished_by
 from djinn.manifest import Passthrough
 from djinn.models import Build, BuildArtifact
-from djinn.periodic import Periodic
 from djinn.plan import BuildPlan, JobPlan, StagePlan
 from djinn.recorder import BuildArtifacts, DatabaseReporter
 from djinn.runner import Key, Runner, Variable
@@ -34,6 +44,20 @@ from djinn.status import Status
 from djinn.store import FileStore, StoreError
 
 log = logging.getLogger(__name__)
+
+#: A claim waits orphan_timeout, and at least this long, for an unreachable PostgreSQL
+#: before its message goes back to the queue.
+MIN_CLAIM_PATIENCE = 10.0
+#: The final write waits at least this long (and at least 10 orphan_timeouts) for PostgreSQL.
+FINAL_WRITE_PATIENCE = 600.0
+#: How often the fence watch looks at the clock: a frozen run stops this soon after it resumes.
+WATCH_SECONDS = 0.2
+#: How soon a beat that failed is tried again.
+BEAT_RETRY_SECONDS = 0.5
+
+
+class ClaimDeferred(DjinnError):
+    """The build could not be claimed now (PostgreSQL unreachable): its message must go back to the queue."""
 
 
 @dataclass
@@ -160,29 +184,108 @@ def decode_build(ctx: WorkerContext, row: RowMapping) -> LoadedBuild:
     )
 
 
-class Heartbeat(Periodic):
-    """Keeps the lease fresh; tells the caller when another worker has taken the build."""
+class Heartbeat:
+    """Keeps the lease fresh, and fences the run the moment the lease may be gone.
 
-    def __init__(self, ctx: WorkerContext, lease: Lease, on_lost) -> None:
-        super().__init__(f"heartbeat-{lease.build_id}", ctx.heartbeat_interval, self._beat)
+    Two threads: one beats (a database call may block for seconds), one watches
+    the monotonic clock every WATCH_SECONDS, so that a run stops within a fraction
+    of a second of its lease becoming doubtful, also right after the whole process
+    tree was frozen and resumed. Once the build's jobs are over (`finishing`), the
+    clock no longer fences: the beats go on and the final write checks the lease
+    in the database itself.
+    """
+
+    def __init__(self, ctx: WorkerContext, lease: Lease, claimed_at: float, on_fenced: Callable[[], None]) -> None:
         self.ctx = ctx
         self.lease = lease
-        self.on_lost = on_lost
-        self.lost = False
+        self.on_fenced = on_fenced
+        self.interval = ctx.heartbeat_interval
+        self.fence_after = ctx.fence_after
+        #: The run was stopped because its lease was lost or doubtful.
+        self.fenced = False
+        #: A beat matched no row: the build was taken over (or our final write landed).
+        self.gone = False
+        self._last_ok = claimed_at  # monotonic time just before the last beat (or the claim) that landed was sent
+        self._finishing = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        name = f"build-{lease.build_id}"
+        self._threads = [
+            threading.Thread(target=self._beat_loop, name=f"heartbeat-{name}", daemon=True),
+            threading.Thread(target=self._watch_loop, name=f"fence-{name}", daemon=True),
+        ]
 
-    def _beat(self) -> bool:
-        # A failing beat (the database restarting) raises and is retried: the lease is stale only later.
-        with transaction(self.ctx.sessions) as session:
-            alive = beat(session, self.lease)
-        if not alive:
-            log.error("build %s: lease lost to another worker; stopping this run", self.lease.build_id)
-            self.lost = True
-            self.on_lost()
-        return alive
+    def start(self) -> "Heartbeat":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(10)
+
+    def finishing(self) -> None:
+        """No job runs any more: from now on only a beat that matched no row ends the lease."""
+        with self._lock:
+            self._finishing = True
+
+    def valid(self) -> bool:
+        """Whether this run may still write: not fenced, and a beat landed within `fence_after`."""
+        with self._lock:
+            if self.fenced or self.gone:
+                return False
+            return self._finishing or time.monotonic() - self._last_ok < self.fence_after
+
+    def _fence(self, reason: str) -> None:
+        with self._lock:
+            if self.fenced or self._finishing:
+                return
+            self.fenced = True
+        log.error("build %s: %s; stopping this run and writing nothing more", self.lease.build_id, reason)
+        self.on_fenced()
+
+    def _watch_loop(self) -> None:
+        while not self._stop.wait(WATCH_SECONDS):
+            with self._lock:
+                silent = time.monotonic() - self._last_ok
+                if self.fenced or self._finishing:
+                    continue
+            if silent >= self.fence_after:
+                self._fence(f"no heartbeat landed for {silent:.1f}s, the lease may be taken over")
+                return
+
+    def _beat_loop(self) -> None:
+        next_at = self._last_ok + self.interval
+        failures = 0
+        while not self._stop.wait(max(next_at - time.monotonic(), 0.0)):
+            if self.fenced:
+                return
+            sent = time.monotonic()
+            try:
+                with transaction(self.ctx.sessions) as session:
+                    alive = beat(session, self.lease)
+            except Exception as exc:  # PostgreSQL away: try again soon; the watch fences if it lasts
+                failures += 1
+                if failures == 1 or failures % 10 == 0:
+                    log.warning("build %s: heartbeat failed (%s); trying again", self.lease.build_id, exc)
+                next_at = time.monotonic() + min(BEAT_RETRY_SECONDS, self.interval)
+                continue
+            if not alive:
+                with self._lock:
+                    self.gone = True
+                self._fence("lease lost: another worker took the build over")
+                return
+            failures = 0
+            with self._lock:
+                self._last_ok = max(self._last_ok, sent)
+            next_at = sent + self.interval
 
 
 KILL = "kill"
 HAND_BACK = "hand-back"
+FENCED = "fenced"
 
 
 class Interrupts:
@@ -220,11 +323,23 @@ def _run_build(ctx: WorkerContext, build_id: int, run: shutdown.BuildRun) -> Sta
         shutdown.requeue_unclaimed(ctx, build_id)
         return None
 
+    sent_at = [0.0]
+
     def claim_and_fetch(session) -> tuple[Lease | None, RowMapping | None]:
-        lease = claim(session, build_id, ctx.name, ctx.stale_after, on_reset=lambda b: remove_artifact_files(ctx, session, b.id))
+        sent_at[0] = time.monotonic()  # the claim sets the heartbeat: the lease's clock starts no later
+        lease = claim(session, build_id, ctx.name)
         return lease, fetch_build(session, build_id) if lease is not None else None
 
-    lease, row = retry_on_disconnect(ctx.sessions, claim_and_fetch)
+    try:
+        lease, row = retry_while_unavailable(
+            ctx.sessions,
+            claim_and_fetch,
+            patience=max(MIN_CLAIM_PATIENCE, ctx.config.orphan_timeout.total_seconds()),
+            stop=lambda: run.handed_back,
+            what=f"build {build_id}: claim",
+        )
+    except DatabaseUnavailable as exc:
+        raise ClaimDeferred(str(exc)) from None
     if lease is None or row is None:
         log.info("build %s: not claimed (finished, missing or running elsewhere)", build_id)
         return None
@@ -236,7 +351,7 @@ def _run_build(ctx: WorkerContext, build_id: int, run: shutdown.BuildRun) -> Sta
     metrics.emit("build_started", build=build_id, driver=driver_label, wait=float(row["waited"]))
     outcome = metrics.Outcome()
     try:
-        status = _run_claimed(ctx, build_id, lease, run, row, outcome)
+        status = _run_claimed(ctx, build_id, lease, sent_at[0], run, row, outcome)
         outcome.status = str(status) if status is not None else outcome.status
         return status
     except _HandedBack:
@@ -261,7 +376,13 @@ class _LeaseLost(Exception):
 
 
 def _run_claimed(
-    ctx: WorkerContext, build_id: int, lease: Lease, run: shutdown.BuildRun, row: RowMapping, outcome: metrics.Outcome
+    ctx: WorkerContext,
+    build_id: int,
+    lease: Lease,
+    claimed_at: float,
+    run: shutdown.BuildRun,
+    row: RowMapping,
+    outcome: metrics.Outcome,
 ) -> Status:
     try:
         loaded = decode_build(ctx, row)
@@ -281,55 +402,116 @@ def _run_claimed(
             abandon(session, build, f"cannot run the build: {exc}")
         return Status.FAILED
 
-    heartbeat: Heartbeat | None = None
-    allowed = lambda: heartbeat is None or not heartbeat.lost  # noqa: E731
-    reporter = DatabaseReporter(ctx.engine, build_id, loaded.job_ids, allowed)
     interrupts = Interrupts()
+    heartbeat = Heartbeat(ctx, lease, claimed_at, lambda: interrupts.cancel(FENCED))
+    reporter = DatabaseReporter(ctx.engine, build_id, loaded.job_ids, heartbeat.valid, lease)
     runner = Runner(
         loaded.plan,
         driver,
         variables=loaded.variables,
         keys=loaded.keys,
         objects=BuildObjects(ctx.objects, loaded.objects),
-        artifacts=BuildArtifacts(ctx.engine, build_id, loaded.user_id, loaded.job_ids, ctx.artifacts, hasher(ctx.config.crypto)),
+        artifacts=BuildArtifacts(
+            ctx.engine, build_id, loaded.user_id, loaded.job_ids, ctx.artifacts, hasher(ctx.config.crypto), lease, heartbeat.valid
+        ),
         reporter=metrics.ObservingReporter(reporter, build_id, ctx.config.driver),
         timeout=ctx.config.timeout.total_seconds(),
     )
     interrupts.runner = runner
-    heartbeat = Heartbeat(ctx, lease, lambda: runner.cancel(Status.KILLED)).start()
+    heartbeat.start()
     listener = KillListener(ctx.config.redis, build_id, loaded.secret, lambda: interrupts.cancel(KILL)).start()
     run.attach(lambda: interrupts.cancel(HAND_BACK))
     try:
-        status = runner.run()
+        try:
+            status = runner.run()
+        finally:
+            listener.stop()
+            heartbeat.finishing()  # the beats go on until the final write has landed
+        outcome.failure = runner.failure
+        if runner.error is not None:
+            log.error("build %s: internal error: %r", build_id, runner.error)
+            metrics.error(runner.error)
+            notify.on_worker_error(ctx, build_id, runner.error)
+        if heartbeat.fenced:
+            raise _LeaseLost()
+        if status is Status.KILLED and interrupts.handed_back:
+            # The driver is destroyed (the runner always does); the rows go back to queued.
+            if shutdown.hand_back(ctx, lease, on_reset=lambda session, b: remove_artifact_files(ctx, session, b.id)):
+                raise _HandedBack()
+            raise _LeaseLost()  # left running on a lease nobody renews: the reaper requeues it
+        # wants_events was checked when the build was loaded: a webhook added while it ran is told from the next build on.
+        events = ctx if loaded.wants_events else None
+        if not _final_write(ctx, reporter, status, lease, run, events):
+            raise _LeaseLost()
     finally:
-        listener.stop()
         heartbeat.stop()
-    outcome.failure = runner.failure
-    if runner.error is not None:
-        log.error("build %s: internal error: %r", build_id, runner.error)
-        metrics.error(runner.error)
-        notify.on_worker_error(ctx, build_id, runner.error)
-    if heartbeat.lost:
-        raise _LeaseLost()
-    if status is Status.KILLED and interrupts.handed_back:
-        # The driver is destroyed (the runner always does); the rows go back to queued.
-        if shutdown.hand_back(ctx, lease, on_reset=lambda session, b: remove_artifact_files(ctx, session, b.id)):
-            raise _HandedBack()
-        raise _LeaseLost()  # left running on a lease nobody renews: the reaper requeues it
-    # wants_events was checked when the build was loaded: a webhook added while it ran is told from the next build on.
-    events = ctx if loaded.wants_events else None
-    retry_on_disconnect(ctx.sessions, lambda session: _finish(session, reporter, status, lease, events))
     log.info("build %s: %s", build_id, status)
     return status
 
 
-def _finish(session, reporter: DatabaseReporter, status: Status, lease: Lease, events: WorkerContext | None = None) -> None:
-    """The final write; with `events`, the build's finished notifications are recorded in the same transaction."""
-    if not reporter.finish(session.connection(), status, lease):
-        log.error("build %s: lease lost before the final write; another worker owns it", lease.build_id)
-        raise _LeaseLost()  # rolls the transaction back
-    if events is not None:
-        notify.record_build_finished(events, session, lease.build_id)
+class _NotHeld(Exception):
+    pass
+
+
+def _final_write(
+    ctx: WorkerContext,
+    reporter: DatabaseReporter,
+    status: Status,
+    lease: Lease,
+    run: shutdown.BuildRun,
+    events: WorkerContext | None = None,
+) -> bool:
+    """Write the build's final rows, again with backoff while PostgreSQL is away; whether they landed.
+
+    With `events`, the build's finished notifications are recorded in the same transaction.
+
+    Tried until it lands, the lease is found gone, the worker is told to hand its
+    builds back, or the patience runs out (then the reaper reruns the build).
+    Trying past the point where the lease could go stale is safe: the write checks
+    the lease in the same statement, so it lands only if nobody took the build over.
+    """
+    patience = max(FINAL_WRITE_PATIENCE, 10 * ctx.config.orphan_timeout.total_seconds())
+    deadline = time.monotonic() + patience
+    delay = 0.1
+    failures = 0
+    while True:
+        try:
+            with transaction(ctx.sessions) as session:
+                if not reporter.finish(session.connection(), status, lease):
+                    raise _NotHeld()  # rolls the transaction back
+                if events is not None:
+                    notify.record_build_finished(events, session, lease.build_id)
+            if failures:
+                log.info("build %s: final write landed after %d failed tries", lease.build_id, failures)
+            return True
+        except _NotHeld:
+            if failures and _landed_before(ctx, lease, status):
+                return True
+            log.error("build %s: lease lost before the final write; another worker owns the build", lease.build_id)
+            return False
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            failures += 1
+            if run.handed_back or time.monotonic() + delay > deadline:
+                log.error(
+                    "build %s: final write not possible (%s); the build is rerun once its lease is stale", lease.build_id, exc
+                )
+                return False
+            if failures == 1 or failures % 10 == 0:
+                log.warning("build %s: final write failed (%s); trying again", lease.build_id, exc)
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+def _landed_before(ctx: WorkerContext, lease: Lease, status: Status) -> bool:
+    """Whether an earlier try of the final write committed though its COMMIT was not confirmed."""
+    try:
+        return retry_while_unavailable(
+            ctx.sessions, lambda session: finished_by(session, lease, status), patience=30.0, what=f"build {lease.build_id}: final write"
+        )
+    except DatabaseUnavailable:
+        return False
 
 
 def remove_artifact_files(ctx: WorkerContext, session, build_id: int) -> None:

@@ -1,9 +1,20 @@
 """The build row is the lease: exactly one live worker runs a build (SPEC section 5).
 
-A worker claims a build atomically (status, worker, attempt, heartbeat) and keeps
-beating while it runs. A build whose heartbeat went stale belongs to a dead
-worker: the reaper (or a re-delivered message) resets it to a clean state, tags
-it `orphaned` and runs it again, at most MAX_ATTEMPTS times in all.
+A worker claims a queued build atomically (status, worker, attempt, heartbeat)
+and keeps beating while it runs. A build whose heartbeat went stale belongs to a
+dead worker: the reaper (djinn.reaper, and only it) resets it to a clean state,
+tags it `orphaned` and queues it again, at most MAX_ATTEMPTS times in all.
+
+The guarantees, and what each rests on:
+- one run at a time: a claim only takes a `queued` build, in one UPDATE, so any
+  number of messages for one build (re-deliveries, reconciliation) start it once;
+- a run that may have lost its lease stops itself (fencing, djinn.execute): after
+  a beat that matched no row, or after `fence_after` (5/8 of orphan_timeout, on
+  the monotonic clock, so a frozen process counts the freeze) without a beat
+  that landed. That is 1/8 of orphan_timeout before the reaper may call the
+  lease stale (3/4), so the old run is gone before a new one can start;
+- nothing a fenced run writes lands: every write of a running build checks the
+  lease in the database within its own transaction (`holds`, `guard`).
 """
 
 from __future__ import annotations
@@ -20,7 +31,6 @@ from djinn.status import Status
 
 MAX_ATTEMPTS = 3
 ORPHANED_TAG = "orphaned"
-FINISHED = [s.value for s in Status if s.finished]
 
 
 @dataclass(frozen=True)
@@ -30,22 +40,13 @@ class Lease:
     attempt: int
 
 
-def _stale(session: Session, heartbeat_at: dt.datetime | None, stale_after: dt.timedelta) -> bool:
-    now = session.scalar(select(func.localtimestamp()))  # TIMESTAMP without time zone, like heartbeat_at
-    return heartbeat_at is None or heartbeat_at < now - stale_after
+def claim(session: Session, build_id: int, worker: str) -> Lease | None:
+    """Take the queued build for `worker`, or None when it is finished, missing or running.
 
-
-def claim(
-    session: Session,
-    build_id: int,
-    worker: str,
-    stale_after: dt.timedelta,
-    *,
-    on_reset: Callable[[Build], None] | None = None,
-) -> Lease | None:
-    """Take the build for `worker`, or None when it is finished, missing or run by a live worker.
-
-    Runs in the caller's transaction; the row lock makes concurrent claims wait for each other.
+    A running build is never taken over here, even with a stale heartbeat: that is
+    the reaper's, which waits out database outages first (djinn.reaper), so a worker
+    whose beats could not land for a while is not mistaken for a dead one. Runs in
+    the caller's transaction; the row lock makes concurrent claims wait for each other.
     """
     # The common case, a queued build, in one statement; the rest takes the row lock below.
     claimed = session.execute(
@@ -65,12 +66,8 @@ def claim(
     if claimed is not None:
         return Lease(build_id, worker, claimed)
     build = session.scalar(select(Build).where(Build.id == build_id).with_for_update())
-    if build is None or build.status in FINISHED:
+    if build is None or build.status != Status.QUEUED.value:
         return None
-    if build.status == Status.RUNNING.value:
-        if not _stale(session, build.heartbeat_at, stale_after):
-            return None
-        reset_for_rerun(session, build, on_reset)
     if build.attempt >= MAX_ATTEMPTS:
         abandon(session, build, f"the build was started {build.attempt} times and each worker running it died; giving up")
         return None
@@ -141,6 +138,39 @@ def beat(session: Session, lease: Lease) -> bool:
         update(Build).where(Build.id == lease.build_id, *holds(lease)).values(heartbeat_at=func.now())
     )
     return result.rowcount == 1
+
+
+def guard(conn, lease: Lease) -> bool:
+    """Whether `lease` still holds its build, share-locking the row until the transaction ends.
+
+    Taken first in a transaction that writes a running build's rows: the reaper's
+    reset waits for that transaction, and once the build was reset or taken over
+    nothing more of the old run lands.
+    """
+    row = conn.execute(
+        select(Build.id).where(Build.id == lease.build_id, *holds(lease)).with_for_update(read=True)
+    ).first()
+    return row is not None
+
+
+def finished_by(session: Session, lease: Lease, status: Status) -> bool:
+    """Whether the build was finished with `status` under `lease`: its final write landed.
+
+    For a final write whose COMMIT was not confirmed (the connection died during
+    it): the retry finds the lease gone, and this tells whether it went our way.
+    A claim always counts a new attempt and an abandoned build carries an error,
+    so nothing else leaves the row like this.
+    """
+    row = session.execute(
+        select(Build.status, Build.attempt, Build.worker, Build.error).where(Build.id == lease.build_id)
+    ).first()
+    return (
+        row is not None
+        and row.status == status.value
+        and row.attempt == lease.attempt
+        and row.worker is None
+        and row.error is None
+    )
 
 
 def held(session: Session, lease: Lease) -> bool:

@@ -13,9 +13,10 @@ crypto block the server and the worker share (djinn.crypto).
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from typing import Optional
 
-from sqlalchemy import Boolean, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
 from djinn.models import TIMESTAMP, Base, _now

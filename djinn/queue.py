@@ -30,8 +30,8 @@ def celery_settings(config: WorkerConfig) -> dict[str, Any]:
     - acks_late: the message is acknowledged when the build is over, so a worker
       that dies before claiming the build leaves the message to be re-delivered;
     - visibility_timeout: longer than any build may run, so a re-delivery happens
-      only for a worker that died; a re-delivered build that is still leased by a
-      live worker is dropped by the claim, one that was orphaned is rerun;
+      only for a worker that died; the claim drops a re-delivered build that is
+      running or finished (one whose worker died is queued again by the reaper);
     - reject_on_worker_lost off: a pool process that dies does not bounce its
       message straight back; the lease reaper notices the stale heartbeat and
       queues the build again, counting the attempt;

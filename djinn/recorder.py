@@ -20,7 +20,7 @@ from sqlalchemy import Engine, func, insert, select, text, update
 
 from djinn.crypto import Hasher, hasher
 from djinn.errors import DjinnError
-from djinn.lease import Lease
+from djinn.lease import Lease, guard
 from djinn.models import Build, BuildArtifact, BuildJobOutput
 from djinn.plan import CREATE_DRIVER, JobPlan
 from djinn.runner import Reporter
@@ -102,7 +102,12 @@ class DatabaseReporter(Reporter):
     each batch in one transaction, so a job never waits on a database round trip
     (unless MAX_PENDING output is waiting). Writes that fail are kept and retried.
     What is still queued when the build ends goes into the caller's final
-    transaction (`finish`): a short build costs that one write.
+    transaction (`finish`): a short build costs that one write, and a build that
+    ends while PostgreSQL is away does not wait for it before its final write.
+
+    Fenced writes: with a `lease`, every batch first checks in the database that
+    the lease still holds (`djinn.lease.guard`), and `allowed()` is asked before
+    each one; once either says no, nothing more is written.
     """
 
     def __init__(
@@ -111,11 +116,15 @@ class DatabaseReporter(Reporter):
         build_id: int,
         job_ids: dict[int, int],
         allowed: Callable[[], bool] = lambda: True,
+        lease: Lease | None = None,
     ) -> None:
         self.engine = engine
         self.build_id = build_id
         self.job_ids = job_ids
         self.allowed = allowed
+        self.lease = lease
+        #: The database said the lease is gone: nothing more is written.
+        self.fenced = False
         self.final: Status | None = None
         self.objects_placed = False
         #: Characters of output stored per job id.
@@ -217,13 +226,16 @@ class DatabaseReporter(Reporter):
 
     def _write_loop(self) -> None:
         while (ops := self._next_batch()) is not None:
-            while True:
-                try:
-                    self._write(ops)
-                    break
-                except Exception as exc:  # the database may be restarting: keep the batch and retry
-                    log.warning("build %s: recording failed, retrying: %s", self.build_id, exc)
-                    time.sleep(RETRY_SECONDS)
+            try:
+                self._write(ops)
+            except Exception as exc:  # the database may be restarting: the batch goes back, to be tried again
+                log.warning("build %s: recording failed, trying again: %s", self.build_id, exc)
+                with self._cond:
+                    self._ops[:0] = ops  # ahead of what came since; finish() writes it if the build ends first
+                    deadline = time.monotonic() + RETRY_SECONDS
+                    while not self._stopping and (left := deadline - time.monotonic()) > 0:
+                        self._cond.wait(left)
+                continue
             with self._cond:
                 self._pending -= sum(len(c) for op in ops if op[0] == "output" for c in op[2])
                 self._cond.notify_all()
@@ -253,9 +265,13 @@ class DatabaseReporter(Reporter):
             return ops
 
     def _write(self, ops: list[list[Any]]) -> None:
-        if not self.allowed():
+        if self.fenced or not self.allowed():
             return
         with self.engine.begin() as conn:
+            if self.lease is not None and not guard(conn, self.lease):
+                self.fenced = True
+                log.error("build %s: the lease is gone: this run's output is no longer recorded", self.build_id)
+                return
             sizes = self._write_ops(conn, ops)
         self.sizes = sizes
 
@@ -296,7 +312,15 @@ class BuildArtifacts:
     """The runner's ArtifactStore for one build: files in the artifact store, rows in build_artifacts."""
 
     def __init__(
-        self, engine: Engine, build_id: int, user_id: int, job_ids: dict[int, int], files: FileStore, hashes: Hasher | None = None
+        self,
+        engine: Engine,
+        build_id: int,
+        user_id: int,
+        job_ids: dict[int, int],
+        files: FileStore,
+        hashes: Hasher | None = None,
+        lease: Lease | None = None,
+        allowed: Callable[[], bool] = lambda: True,
     ) -> None:
         self.hashes = hashes or hasher(None)
         self.engine = engine
@@ -304,10 +328,17 @@ class BuildArtifacts:
         self.user_id = user_id
         self.job_ids = job_ids
         self.files = files
+        self.lease = lease
+        self.allowed = allowed
+
+    def _check_lease(self, conn) -> None:
+        if not self.allowed() or (self.lease is not None and not guard(conn, self.lease)):
+            raise DjinnError("the build's lease is gone: artifact not stored")
 
     def store(self, job: JobPlan, name: str, data: BinaryIO) -> StoredArtifact:
         job_id = self.job_ids[id(job)]
         with self.engine.begin() as conn:
+            self._check_lease(conn)
             row = conn.execute(
                 select(BuildArtifact.id, BuildArtifact.hash).where(BuildArtifact.job_id == job_id, BuildArtifact.name == name)
             ).first()
@@ -320,8 +351,11 @@ class BuildArtifacts:
                 ).scalar_one()
             else:
                 artifact_id, hash_ = row
+        if not self.allowed():
+            raise DjinnError("the build's lease is gone: artifact not stored")
         stored = self.files.write(self.user_id, hash_, data)
         with self.engine.begin() as conn:
+            self._check_lease(conn)
             conn.execute(
                 update(BuildArtifact)
                 .where(BuildArtifact.id == artifact_id)

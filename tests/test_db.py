@@ -73,3 +73,44 @@ def test_retry_on_disconnect_does_not_retry_other_errors(sessions):
     with pytest.raises(DBAPIError):
         db.retry_on_disconnect(sessions, work)
     assert len(calls) == 1
+
+
+def test_retry_while_unavailable_waits_for_the_server_and_gives_up_after_its_patience(sessions, postgres):
+    import threading
+    import time
+
+    calls = []
+
+    def work(session) -> int:
+        calls.append(1)
+        return backend_pid(session)
+
+    postgres.stop()
+    back = threading.Timer(2.0, postgres.start)
+    try:
+        started = time.monotonic()
+        with pytest.raises(db.DatabaseUnavailable) as gave_up:
+            db.retry_while_unavailable(sessions, work, patience=1.0, what="test work")
+        assert "test work: PostgreSQL unreachable" in str(gave_up.value)
+        assert time.monotonic() - started < 10
+        assert len(calls) >= 2  # tried again before giving up
+        calls.clear()
+        back.start()
+        assert db.retry_while_unavailable(sessions, work, patience=60.0) > 0
+    finally:
+        if back.is_alive() or back.finished.is_set():
+            back.join()
+        else:
+            postgres.start()
+    assert len(calls) >= 2  # failed while the server was away, then ran
+
+
+def test_retry_while_unavailable_stops_when_asked_and_not_for_bad_sql(sessions, postgres):
+    with pytest.raises(DBAPIError):
+        db.retry_while_unavailable(sessions, lambda s: s.execute(text("SELECT * FROM no_such_table")), patience=30.0)
+    postgres.stop()
+    try:
+        with pytest.raises(db.DatabaseUnavailable):
+            db.retry_while_unavailable(sessions, backend_pid, patience=3600.0, stop=lambda: True)
+    finally:
+        postgres.start()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import select
 import time
 
@@ -25,7 +24,7 @@ def claimed(worker_env):
     build_id = worker_env.submit(MANIFEST)
     engine = create_engine(worker_env.url)
     with transaction(make_sessions(engine)) as session:
-        lease = claim(session, build_id, "w1", dt.timedelta(minutes=1))
+        lease = claim(session, build_id, "w1")
     ((job_row,),) = worker_env.sql("SELECT id FROM build_jobs WHERE build_id = :id AND name = 'a.1'", id=build_id)
     job = JobPlan("a", "a.1", ("true",))
     reporter = DatabaseReporter(engine, build_id, {id(job): job_row})

@@ -6,17 +6,27 @@ Celery's failure machinery: BuildTask.on_failure hands the failure mail to its
 own task (djinn.notify). BuildFailed is listed in `throws`, so Celery logs it as
 an expected outcome, not as an error with a traceback. Any other exception is a
 bug in the worker and is mailed to the operator with its traceback.
+
+A build that cannot be claimed because PostgreSQL is unreachable (after the
+claim's own retries for orphan_timeout) is rejected back to the queue
+rather than acknowledged: with acks_late the message is still unacknowledged, and
+Reject(requeue=True) puts it back on the Redis list for the next free worker.
 """
 
 from __future__ import annotations
 
+import logging
+
 from celery import Task, shared_task
+from celery.exceptions import Reject
 
 from djinn import context, notify
-from djinn.execute import run_build
+from djinn.execute import ClaimDeferred, run_build
 from djinn.notify import tasks as _notify_tasks  # noqa: F401  (registers the notification tasks)
 from djinn.queue import RUN_BUILD
 from djinn.status import Status
+
+log = logging.getLogger(__name__)
 
 
 class BuildFailed(Exception):
@@ -53,7 +63,11 @@ def run_build_task(build_id: int, host: str | None = None) -> str | None:
     build that ended failed, killed or timed_out.
     """
     build_id = int(build_id)
-    status = run_build(context.current(), build_id)
+    try:
+        status = run_build(context.current(), build_id)
+    except ClaimDeferred as exc:
+        log.warning("build %s: not claimed, its message goes back to the queue: %s", build_id, exc)
+        raise Reject(str(exc), requeue=True) from None
     if status is None:
         return None
     if status in notify.FAILED:
