@@ -16,7 +16,7 @@ import datetime as dt
 import uuid
 from typing import Optional
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, Uuid
+from sqlalchemy import Boolean, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
 from djinn.models import TIMESTAMP, Base, _now
@@ -149,9 +149,9 @@ class NotificationOutbox(Base):
     state: Mapped[str] = mapped_column(String(32), default="pending", server_default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[Optional[str]] = mapped_column(Text)
-    due_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-    sent_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True))
+    due_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+    updated_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+    sent_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP)
 
     __table_args__ = (Index("ix_notification_outbox_state_due_at", "state", "due_at"),)

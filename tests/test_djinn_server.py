@@ -28,6 +28,8 @@ from sqlalchemy import create_engine, text
 
 from worker_support import WorkerEnv, _databases
 
+from djinn.migrate import head
+
 FIXTURES = Path(__file__).parent / "fixtures"
 SERVER_SCHEMA = (FIXTURES / "upstream_schema.sql").read_text()
 SECRETS = json.loads((FIXTURES / "server_secrets" / "secrets.json").read_text())
@@ -36,7 +38,7 @@ CRYPTO_BLOCK, CRYPTO_SALT = "0123456789abcdef0123456789abcdef", "test-salt"
 
 # The worker's additions to the server's tables: all nullable or defaulted.
 LEASE_COLUMNS = {("builds", "attempt"), ("builds", "worker"), ("builds", "heartbeat_at"), ("builds", "error")}
-WORKER_TABLES = {"build_job_output", "build_notifications", "alembic_version"}
+WORKER_TABLES = {"build_job_output", "build_notifications", "notification_outbox", "alembic_version"}
 
 
 def _query(url: str, sql: str, **params):
@@ -96,7 +98,7 @@ def test_migrate_on_an_empty_database_creates_the_server_schema(postgres):
     name = _new_database(postgres)
     engine = db.make_engine(DatabaseSettings(addr=postgres.addr, name=name, username="postgres"))
     try:
-        assert upgrade(engine) == (None, "0002")
+        assert upgrade(engine) == (None, head())
     finally:
         engine.dispose()
     ours = schema_of(postgres.url(name))
@@ -154,9 +156,9 @@ def test_migrate_on_the_server_database_only_adds_and_is_idempotent(server_env):
     before, rows_before = schema_of(env.url), _rows(env.url)
 
     first = env.cli("migrate")
-    assert "upgraded from nothing to 0002" in first.stdout
+    assert f"upgraded from nothing to {head()}" in first.stdout
     second = env.cli("migrate")
-    assert "up to date (revision 0002)" in second.stdout
+    assert f"up to date (revision {head()})" in second.stdout
 
     after = schema_of(env.url)
     for key, shape in before["columns"].items():
@@ -207,8 +209,9 @@ def test_migrate_as_a_role_without_ddl_rights_says_so_in_one_line(server_env):
     env.cli("migrate")
     assert env.sql(
         "SELECT has_table_privilege('djinn_worker', 'build_job_output', 'INSERT'),"
-        " has_table_privilege('djinn_worker', 'build_notifications', 'UPDATE')"
-    ) == [(True, True)]
+        " has_table_privilege('djinn_worker', 'build_notifications', 'UPDATE'),"
+        " has_table_privilege('djinn_worker', 'notification_outbox', 'UPDATE')"
+    ) == [(True, True, True)]
 
 
 def test_secrets_and_hashes_match_the_servers():
@@ -273,17 +276,49 @@ def write_server_build(env, manifest: str, stages: list[tuple[str, bool, list[tu
     return build_id
 
 
-def enqueue(env, build_id: int) -> None:
-    """Queue the build where the worker takes it: the Celery path for now (curlyq comes with its consumer)."""
-    from celery import Celery
+# The curlyq jobs Go's encoders printed (tests/fixtures/curlyq/gen): msgpack v4 {ID, Data, Attempt}
+# around the gob Payload{Host, BuildID}. The server's first build goes on the queue as those very bytes.
+GO_JOBS = {c["build_id"]: c for c in json.loads((FIXTURES / "curlyq" / "payloads.json").read_text()) if c["name"] == "typical"}
 
-    from djinn.queue import RUN_BUILD
 
-    app = Celery(broker=env.redis.url)
+def enqueue(env, build_id: int, queue: str = "builds_docker") -> str:
+    """Queue the build as the Djinn server does: a curlyq job (data hash + active list, no signal, as curlyq v0.4.0)."""
+    from djinn.curlyq import Job, QueueKeys
+    from djinn.gob import encode_payload
+
+    go = GO_JOBS.get(build_id)
+    if go is not None:
+        job_id, raw = go["job_id"], bytes.fromhex(go["job_v4_0_4"])
+    else:
+        job_id = f"job-{build_id}"
+        raw = Job(job_id, encode_payload("https://djinn-ci.com", build_id)).pack()
+    keys = QueueKeys(queue)
+    client = redis.Redis.from_url(env.redis.url)
     try:
-        app.send_task(RUN_BUILD, args=[build_id], queue="builds_docker")
+        client.hset(keys.data, job_id, raw)
+        client.rpush(keys.active, job_id)
     finally:
-        app.close()
+        client.close()
+    return job_id
+
+
+def assert_acknowledged(env, job_id: str, queue: str = "builds_docker") -> None:
+    """The consumer settled the job: gone from the data hash, the active list and every in-flight set."""
+    from djinn.curlyq import QueueKeys
+
+    keys = QueueKeys(queue)
+    client = redis.Redis.from_url(env.redis.url)
+    try:
+        deadline = time.monotonic() + 30
+        while client.hexists(keys.data, job_id):
+            assert time.monotonic() < deadline, f"curlyq job {job_id} never acknowledged; worker log:\n{env.log_tail()}"
+            time.sleep(0.1)
+        assert job_id.encode() not in client.lrange(keys.active, 0, -1)
+        for inflight in client.zrange(keys.consumers, 0, -1):
+            assert not client.sismember(inflight, job_id)
+        assert client.zscore(keys.dead, job_id) is None
+    finally:
+        client.close()
 
 
 def wait_finished(env, build_id: int, timeout: float = 180) -> str:
@@ -342,8 +377,10 @@ def test_a_docker_build_written_by_the_server_runs_and_leaves_the_servers_rows(d
         with_secrets=True,
         objects=[(object_id, "in/data.txt")],
     )
-    enqueue(env, build_id)
+    assert build_id in GO_JOBS  # the server's first build: its job is Go's own bytes
+    job_id = enqueue(env, build_id)
     assert wait_finished(env, build_id) == "passed", env.log_tail()
+    assert_acknowledged(env, job_id)
 
     ((status, created, started, finished, output, attempt, worker),) = env.sql(
         "SELECT status, created_at, started_at, finished_at, output, attempt, worker FROM builds WHERE id = :b", b=build_id
@@ -382,7 +419,7 @@ def test_a_failing_and_a_killed_server_build_end_as_they_should(docker_server_en
         [("a", False, [("a.1", "echo before-failure\nexit 3", [])]), ("b", False, [("b.1", "echo never", [])])],
         driver=driver,
     )
-    enqueue(env, failing)
+    assert_acknowledged(env, enqueue(env, failing))
     assert wait_finished(env, failing) == "failed", env.log_tail()
     jobs = {name: rest for name, *rest in env.sql(
         "SELECT name, status, started_at, finished_at, output FROM build_jobs WHERE build_id = :b", b=failing)}
@@ -395,7 +432,7 @@ def test_a_failing_and_a_killed_server_build_end_as_they_should(docker_server_en
 
     killed = write_server_build(env, "driver: {type: docker}\n", [("a", False, [("a.1", "echo started\nsleep 120", [])])],
                                 driver=driver)
-    enqueue(env, killed)
+    assert_acknowledged(env, enqueue(env, killed))
     deadline = time.monotonic() + 120
     while env.sql("SELECT status FROM build_jobs WHERE build_id = :b AND name = 'a.1'", b=killed) != [("running",)]:
         assert time.monotonic() < deadline, env.log_tail()

@@ -32,10 +32,10 @@ def upgrade() -> None:
         sa.Column("state", sa.String(length=32), server_default="pending", nullable=False),
         sa.Column("attempts", sa.Integer(), server_default="0", nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
-        sa.Column("due_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
-        sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("due_at", sa.DateTime(timezone=False), server_default=sa.text("now()"), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=False), server_default=sa.text("now()"), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=False), server_default=sa.text("now()"), nullable=False),
+        sa.Column("sent_at", sa.DateTime(timezone=False), nullable=True),
         sa.ForeignKeyConstraint(["build_id"], ["builds.id"], name=op.f("fk_notification_outbox_build_id"), ondelete="CASCADE"),
         sa.ForeignKeyConstraint(
             ["webhook_id"], ["namespace_webhooks.id"], name=op.f("fk_notification_outbox_webhook_id"), ondelete="CASCADE"
@@ -44,6 +44,10 @@ def upgrade() -> None:
     )
     op.create_index("ix_notification_outbox_state_due_at", "notification_outbox", ["state", "due_at"], unique=False)
     op.create_index("ix_notification_outbox_build_id", "notification_outbox", ["build_id"], unique=False)
+    # The Djinn server's worker role (revisions/perms) may use the worker's tables, as in 0002.
+    if op.get_bind().execute(sa.text("SELECT 1 FROM pg_roles WHERE rolname = 'djinn_worker'")).first():
+        op.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON notification_outbox TO djinn_worker")
+        op.execute("GRANT USAGE ON SEQUENCE notification_outbox_id_seq TO djinn_worker")
 
 
 def downgrade() -> None:
