@@ -187,8 +187,12 @@ def test_invalid_manifest_refused_and_nothing_written(worker_env):
 
 def test_logs_follow_shows_output_while_job_runs(worker_env):
     worker_env.start_worker()
+    release = worker_env.root / "release"
+    # The job waits for the test (at most 60 s) rather than a fixed time: under load `logs -f` may start late.
     build_id = worker_env.submit(
-        "driver: {type: os}\nstages: [a]\njobs:\n  - stage: a\n    commands: ['echo first-line', 'sleep 4', 'echo last-line']\n"
+        "driver: {type: os}\nstages: [a]\njobs:\n  - stage: a\n    commands: ['echo first-line',"
+        " 'i=0; while [ ! -e \"$RELEASE\" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done', 'echo last-line']\n",
+        "-env", f"RELEASE={release}",
     )
     proc = subprocess.Popen(
         [WORKER, "logs", "-config", str(worker_env.config), str(build_id), "-f"], stdout=subprocess.PIPE, text=True
@@ -199,6 +203,7 @@ def test_logs_follow_shows_output_while_job_runs(worker_env):
         lines.append(line)
         if line.strip() == "first-line" and seen_first is None:
             seen_first = worker_env.status(build_id)
+            release.touch()
     proc.wait(30)
     assert proc.returncode == 0
     assert seen_first is not None and seen_first["status"] == "running"
