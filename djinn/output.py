@@ -38,8 +38,9 @@ def traced_forms(value: bytes) -> set[bytes]:
     # ... and each of those inside single quotes, as `set -x` prints a word (also a word made by %q).
     forms = set(escaped)
     for form in escaped:
-        # bash: 'it'\''s'
+        # bash: 'it'\''s'; and that quoted once more (`echo "${var@Q}"` traced).
         forms.add(form.replace(b"'", b"'\\''"))
+        forms.add(form.replace(b"'", b"'\\''").replace(b"'", b"'\\''"))
         # busybox ash: 'it'"'"'s', one "..." per run of quotes; a trailing run is not reopened.
         busybox = _QUOTE_RUN.sub(lambda m: b"'\"" + m.group() + b"\"'", form)
         forms.add(busybox[:-1] if form.endswith(b"'") else busybox)
@@ -91,36 +92,42 @@ class Masker:
         self._longest_prefix = max((len(v) - 1 for v in self._values), default=0)
         self._pending = b""
 
-    def _held(self, data: bytes) -> int:
-        """Length of the longest tail of `data` that is the start (not the whole) of a secret form."""
-        if self._starts is None:
-            return 0
-        offset = max(0, len(data) - self._longest_prefix)
-        for start in self._starts.finditer(data, offset):
-            tail = data[start.start():]
-            for v in self._by_first[data[start.start()]]:
-                if len(v) > len(tail) and v.startswith(tail):
-                    return len(tail)
-        return 0
+    def _cut(self, data: bytes) -> int:
+        """Where `data` may be filtered up to: before the earliest tail that could still become a secret form.
+
+        Everything from the cut on is held for the next chunk: a form that began there
+        would otherwise be passed on half (or a shorter form inside it masked instead).
+        """
+        cut = len(data)
+        if self._starts is not None:
+            for start in self._starts.finditer(data, max(0, len(data) - self._longest_prefix)):
+                tail = data[start.start():]
+                if any(len(v) > len(tail) and v.startswith(tail) for v in self._by_first[tail[0]]):
+                    cut = start.start()
+                    break
+        if cut < len(data):
+            # A whole form across the cut is held whole, not split (forms are at most longest_prefix + 1 long).
+            for match in self._pattern.finditer(data, max(0, cut - self._longest_prefix)):
+                if match.start() >= cut:
+                    break
+                if match.end() > cut:
+                    cut = match.start()
+                    break
+        return cut
 
     def feed(self, chunk: bytes) -> bytes:
         """Filter `chunk`; returns what is safe to emit now."""
         if self._pattern is None:
             return chunk.replace(b"\0", b"NUL")
         data = self._pending + chunk if self._pending else chunk
-        data = self._pattern.sub(MASK, data)
-        keep = self._held(data)
-        if keep:
-            self._pending = data[-keep:]
-            data = data[:-keep]
-        else:
-            self._pending = b""
-        return data.replace(b"\0", b"NUL")
+        cut = self._cut(data)
+        self._pending = data[cut:]
+        return self._pattern.sub(MASK, data[:cut]).replace(b"\0", b"NUL")
 
     def flush(self) -> bytes:
-        """Whatever was held back: at the end of a stream it can no longer become a secret."""
+        """Whatever was held back, masked: at the end of a stream no form can complete any more."""
         data, self._pending = self._pending, b""
-        return data.replace(b"\0", b"NUL")
+        return self.mask(data)
 
     def mask(self, data: bytes) -> bytes:
         """Filter a complete piece of output (mail bodies, messages)."""
