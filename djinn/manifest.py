@@ -108,6 +108,11 @@ def parse_manifest(text: str | bytes, path: str | None = None) -> Manifest:
         raise ManifestError([f"{where}invalid YAML: {problem}"], path) from None
     except RecursionError:
         raise ManifestError(["the YAML is nested too deeply to be a manifest"], path) from None
+    return manifest_from_nodes(root, text, path)
+
+
+def manifest_from_nodes(root: yaml.Node | None, text: str = "", path: str | None = None) -> Manifest:
+    """Validate a composed YAML node tree (`parse_manifest` without the YAML parsing), in time linear in its size."""
     return _Parser(text, path).parse(root)
 
 
