@@ -93,7 +93,6 @@ _quiet = logging.getLogger(_ATTEMPT_LOG)
 _quiet.addHandler(logging.NullHandler())
 _quiet.propagate = False
 _NO_BANNER = "the server accepted the connection but sent no SSH banner"
-_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def parse_address(address: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
