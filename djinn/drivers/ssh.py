@@ -648,7 +648,8 @@ class SSHDriver(Driver):
                     raise PathEscapeError(f"artifact source {source!r} leads outside the workspace ({real}); not collected")
                 if not stat.S_ISREG(st.st_mode or 0):
                     continue
-                with self.sftp.open(real, "rb") as remote:
+                # Opened by the path as listed (checked above); the job that could swap links is over.
+                with self.sftp.open(match, "rb") as remote:
                     shown = match.removeprefix(self.workspace.rstrip("/") + "/")
                     failure = functools.partial(self._failure, f"reading {shown}")
                     yield shown, _SFTPReader(remote, st.st_size or 0, failure)
