@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import posixpath
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,10 +11,16 @@ import yaml
 
 from djinn.errors import ManifestError
 
+# libyaml when present: several times faster on big manifests, and it refuses nesting deeper
+# than 1,000 levels with a YAML error where the pure Python parser runs out of stack.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 DRIVER_TYPES = ("docker", "qemu", "ssh", "os")
 QEMU_ARCHES = ("x86_64",)
 KEYS = ("namespace", "driver", "env", "objects", "sources", "stages", "allow_failures", "jobs")
 JOB_KEYS = ("stage", "name", "commands", "artifacts")
+#: A job's slug names its script file (`<slug>.sh`, `<slug>.pid`): kept well under the 255-byte file name limit.
+MAX_JOB_SLUG = 200
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,8 @@ class Manifest:
     allow_failures: tuple[str, ...] = ()
     jobs: tuple[Job, ...] = ()
     text: str = field(default="", compare=False, repr=False)
+    #: Things that do not stop the build but the user should hear of (unknown top-level keys), each naming its line.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def driver_type(self) -> str:
@@ -61,24 +70,56 @@ class Manifest:
 def load_manifest(path: str | Path) -> Manifest:
     """Read and validate the manifest at `path`."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise ManifestError(["no such file (pass the manifest with -manifest FILE)"], str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError([f"cannot read: {exc}"], str(path)) from None
-    return parse_manifest(text, str(path))
+    except OSError as exc:
+        raise ManifestError([f"cannot read: {exc.strerror or exc}"], str(path)) from None
+    return parse_manifest(data, str(path))
 
 
-def parse_manifest(text: str, path: str | None = None) -> Manifest:
-    """Parse and validate manifest text, raising ManifestError listing every problem."""
+def decode_text(data: bytes, what: str = "the manifest") -> str:
+    """UTF-8 text of `data`; a ValueError naming the line and byte of the first invalid one."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"line {line}: {what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+
+
+def parse_manifest(text: str | bytes, path: str | None = None) -> Manifest:
+    """Parse and validate manifest text (or UTF-8 bytes), raising ManifestError listing every problem."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = decode_text(bytes(text))
+        except ValueError as exc:
+            raise ManifestError([str(exc)], path) from None
+    surrogate = _SURROGATE.search(text)
+    if surrogate is not None:
+        # Only a str the caller built can hold one: bytes and files are decoded strictly.
+        line = text.count("\n", 0, surrogate.start()) + 1
+        raise ManifestError([f"line {line}: the manifest holds \\u{ord(surrogate.group()):04x}, which is not a character"], path)
+    try:
+        root = yaml.compose(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
         where = f"line {mark.line + 1}: " if mark is not None else ""
         raise ManifestError([f"{where}invalid YAML: {problem}"], path) from None
+    except RecursionError:
+        raise ManifestError(["the YAML is nested too deeply to be a manifest"], path) from None
+    return manifest_from_nodes(root, text, path)
+
+
+def manifest_from_nodes(root: yaml.Node | None, text: str = "", path: str | None = None) -> Manifest:
+    """Validate a composed YAML node tree (`parse_manifest` without the YAML parsing), in time linear in its size."""
     return _Parser(text, path).parse(root)
+
+
+def slugify(name: str) -> str:
+    """Upstream's job slug: only [a-zA-Z0-9.], other runs become one '-', lower-cased."""
+    slug = re.sub(r"[^a-zA-Z0-9.]+", "-", name.strip())
+    return slug.strip("-").lower()
 
 
 def parse_passthrough(entry: str, default_dest: bool = True) -> Passthrough:
@@ -123,6 +164,7 @@ class _Parser:
         self.text = text
         self.path = path
         self.problems: list[str] = []
+        self.warnings: list[str] = []
 
     def problem(self, node: yaml.Node | None, key: str, message: str) -> None:
         where = f"line {node.start_mark.line + 1}: " if node is not None else ""
@@ -133,6 +175,12 @@ class _Parser:
     def string(self, node: yaml.Node, key: str) -> str | None:
         if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:str":
             self.problem(node, key, f"must be a string, not {_describe(node)}")
+            return None
+        bad = _UNUSABLE.search(node.value)
+        if bad is not None:
+            char = bad.group()
+            what = "a NUL byte" if char == "\0" else f"\\u{ord(char):04x}, a lone surrogate that is not a character"
+            self.problem(node, key, f"contains {what}; remove it")
             return None
         return node.value
 
@@ -149,7 +197,9 @@ class _Parser:
                 out.append((item, value))
         return out
 
-    def mapping(self, node: yaml.Node, key: str, allowed: tuple[str, ...] | None) -> dict[str, yaml.Node]:
+    def mapping(
+        self, node: yaml.Node, key: str, allowed: tuple[str, ...] | None, warn_unknown: bool = False
+    ) -> dict[str, yaml.Node]:
         if not isinstance(node, yaml.MappingNode):
             self.problem(node, key, f"must be a mapping, not {_describe(node)}")
             return {}
@@ -159,6 +209,9 @@ class _Parser:
             label = f"{key}.{name}" if key else str(name)
             if name is None:
                 self.problem(knode, key or "manifest", "keys must be strings")
+            elif allowed is not None and name not in allowed and warn_unknown:
+                where = f"line {knode.start_mark.line + 1}: "
+                self.warnings.append(f"{where}{label}: unknown key, ignored (known keys: {', '.join(allowed)})")
             elif allowed is not None and name not in allowed:
                 self.problem(knode, label, f"unknown key (expected one of: {', '.join(allowed)})")
             elif name in out:
@@ -172,7 +225,7 @@ class _Parser:
     def parse(self, root: yaml.Node | None) -> Manifest:
         if root is None:
             raise ManifestError(["manifest is empty"], self.path)
-        top = self.mapping(root, "", KEYS)
+        top = self.mapping(root, "", KEYS, warn_unknown=True)
         if not isinstance(root, yaml.MappingNode):
             raise ManifestError(self.problems, self.path)
 
@@ -200,6 +253,7 @@ class _Parser:
             allow_failures=tuple(allow_failures),
             jobs=tuple(jobs),
             text=self.text,
+            warnings=tuple(self.warnings),
         )
 
     def driver(self, node: yaml.Node | None, root: yaml.Node) -> dict[str, str]:
@@ -259,19 +313,22 @@ class _Parser:
 
     def stages(self, node: yaml.Node | None) -> list[str]:
         out: list[str] = []
+        seen: set[str] = set()
         for i, (item, value) in enumerate(self.strings(node, "stages") if node is not None else []):
             if not value.strip():
                 self.problem(item, f"stages[{i}]", "stage name is empty")
-            elif value in out:
+            elif value in seen:
                 self.problem(item, f"stages[{i}]", f"duplicate stage {value!r}")
             else:
+                seen.add(value)
                 out.append(value)
         return out
 
     def allow_failures(self, node: yaml.Node | None, stages: list[str]) -> list[str]:
         out = []
+        declared = set(stages)
         for i, (item, value) in enumerate(self.strings(node, "allow_failures") if node is not None else []):
-            if value not in stages:
+            if value not in declared:
                 self.problem(item, f"allow_failures[{i}]", f"{value!r} names no stage in stages")
             else:
                 out.append(value)
@@ -284,6 +341,8 @@ class _Parser:
             self.problem(node, "jobs", f"must be a list of jobs, not {_describe(node)}")
             return []
         out = []
+        declared = set(stages)
+        previous, n = None, 0
         for i, jnode in enumerate(node.value):
             key = f"jobs[{i}]"
             fields = self.mapping(jnode, key, JOB_KEYS)
@@ -292,7 +351,7 @@ class _Parser:
             stage = self.string(fields["stage"], f"{key}.stage") if "stage" in fields else None
             if "stage" not in fields:
                 self.problem(jnode, f"{key}.stage", "is required")
-            elif stage is not None and stage not in stages:
+            elif stage is not None and stage not in declared:
                 self.problem(fields["stage"], f"{key}.stage", f"stage {stage!r} is not declared in stages")
             name = None
             if "name" in fields and not _is_null(fields["name"]):
@@ -304,8 +363,27 @@ class _Parser:
                 self.problem(fields.get("commands", jnode), f"{key}.commands", "job has no commands")
             artifacts = self.passthroughs(fields.get("artifacts"), f"{key}.artifacts")
             if stage is not None:
+                # Numbered as the plan numbers unnamed jobs: by position in a run of one stage's jobs.
+                n = n + 1 if stage == previous else 1
+                previous = stage
+                self.job_slug(fields["name"] if name is not None else fields["stage"], key, name, f"{stage}.{n}")
                 out.append(Job(stage=stage, name=name, commands=tuple(commands), artifacts=tuple(artifacts)))
         return out
+
+    def job_slug(self, node: yaml.Node, key: str, name: str | None, default: str) -> None:
+        """A job's slug names files: refused when empty, '.'/'..' or too long for a file name."""
+        slug = slugify(name if name is not None else default)
+        label = f"{key}.name" if name is not None else f"{key}.stage"
+        given = f"job name {name!r}" if name is not None else f"the job's default name {default!r}"
+        if slug in ("", ".", ".."):
+            self.problem(node, label, f"{given} has no letters or digits to name the job by; use another name")
+        elif len(slug) > MAX_JOB_SLUG:
+            self.problem(node, label, f"{given} is {len(slug)} characters as a job name; at most {MAX_JOB_SLUG} fit a file name")
+
+
+# A lone surrogate (a "\ud800" escape) cannot be encoded for a shell; a NUL cannot be in a command or variable.
+_UNUSABLE = re.compile("[\0\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _is_null(node: yaml.Node) -> bool:

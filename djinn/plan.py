@@ -5,11 +5,10 @@ Plain data, so the offline runner and the database layer lay out a build the sam
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from djinn.manifest import Manifest, Passthrough, Source
+from djinn.manifest import Manifest, Passthrough, Source, slugify
 
 CREATE_DRIVER = "create-driver"
 
@@ -56,12 +55,6 @@ def setup_stage_name(number: int | None) -> str:
     return "setup" if number is None else f"setup - #{number}"
 
 
-def slugify(name: str) -> str:
-    """Upstream's job slug: only [a-zA-Z0-9.], other runs become one '-', lower-cased."""
-    slug = re.sub(r"[^a-zA-Z0-9.]+", "-", name.strip())
-    return slug.strip("-").lower()
-
-
 def clone_commands(source: Source) -> tuple[str, ...]:
     """The server's clone job commands (without a ref it adds a bare `git checkout`, a no-op left out here)."""
     commands = [f"mkdir -p {source.dir}", f"git clone -q {source.url} {source.dir}", f"cd {source.dir}"]
@@ -86,6 +79,7 @@ def plan_build(manifest: Manifest, number: int | None = None) -> BuildPlan:
         by_stage[job.stage].append(JobPlan(job.stage, name, job.commands, job.artifacts))
 
     stages = [StagePlan(setup_name, False, tuple(setup_jobs))]
+    allowed = set(manifest.allow_failures)
     for name in manifest.stages:
-        stages.append(StagePlan(name, name in manifest.allow_failures, tuple(by_stage[name])))
+        stages.append(StagePlan(name, name in allowed, tuple(by_stage[name])))
     return BuildPlan(stages=tuple(stages), objects=manifest.objects, env=manifest.env)

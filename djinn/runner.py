@@ -15,6 +15,7 @@ from typing import Iterable
 from djinn.drivers.base import Driver
 from djinn.errors import DjinnError
 from djinn.output import Masker, job_script
+from djinn.paths import plain_file_name
 from djinn.plan import BuildPlan, JobPlan
 from djinn.status import Status
 from djinn.store import ArtifactStore, ObjectStore, StoredArtifact
@@ -182,7 +183,8 @@ class Runner:
             write(f"Placed object {obj.source} => {obj.destination}\n".encode())
         configs = []
         for key in self.keys:
-            location = self.driver.key_location(key.name)
+            # Keys land in the key directory by name: '../../x' must not place one anywhere else.
+            location = self.driver.key_location(plain_file_name(key.name, "key name"))
             self.driver.place(location, io.BytesIO(key.key.encode()), 0o600)
             if key.config:
                 configs.append(key.config.rstrip("\n") + "\n")

@@ -8,6 +8,7 @@ API by the djinn.build label every container and volume carries.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -20,13 +21,13 @@ from pathlib import Path
 import docker
 import pytest
 
-from runner_support import runner_for
+from runner_support import SECRET_COMMANDS, SECRET_PIECES, SECRET_VALUE, assert_no_secret, runner_for
 
 from djinn.drivers import make_driver
 from djinn.drivers.docker import DockerDriver, sweep
 from djinn.errors import DriverError
 from djinn.paths import PathEscapeError
-from djinn.runner import Key, Runner
+from djinn.runner import Key, Runner, Variable
 from djinn.status import Status
 
 from docker_support import IMAGE, NOTHING, labelled, wait_for
@@ -357,4 +358,69 @@ def test_offline_cli_ctrl_c_kills_and_leaves_nothing(docker_api, tmp_path):
             proc.wait()
     assert proc.returncode == 1
     assert "==> Build killed" in rest
+    assert labelled(docker_api, build) == NOTHING
+
+
+def _secret_manifest(commands) -> str:
+    lines = "\n".join(f"      - {json.dumps(c)}" for c in commands)
+    return HEAD + f"stages: [use]\njobs:\n  - stage: use\n    commands:\n{lines}\n      - sleep 300\n"
+
+
+def test_masked_value_never_shows_in_busybox_trace_nor_in_inspect(docker_api, reporter, tmp_path):
+    """busybox ash's `set -x` quoting ('"'"' and friends) is masked; the value is not in the container's config."""
+    build = new_id("mask")
+    commands = [*SECRET_COMMANDS, "stat -c '%a' /.djinn/env", 'echo "plain=$PLAIN"']
+    runner, _ = make_runner(
+        _secret_manifest(commands),
+        reporter,
+        tmp_path,
+        build,
+        variables=[Variable("SECRET", SECRET_VALUE, masked=True), Variable("PLAIN", "visible"), Variable("BAD-NAME", "x")],
+    )
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    try:
+        wait_for(lambda: "\n+ sleep 300\n" in reporter.text("use.1"), 120, "the job to reach its sleep")
+        (container,) = docker_api.containers(filters={"label": [f"djinn.build={build}"]})
+        inspected = docker_api.inspect_container(container["Id"])
+        config = json.dumps(inspected)
+        for piece in SECRET_PIECES + ("visible",):
+            assert piece not in config, f"{piece!r} is in docker inspect"
+        assert not any(e.startswith(("SECRET=", "PLAIN=")) for e in inspected["Config"]["Env"] or [])
+    finally:
+        runner.cancel()
+        thread.join(120)
+    text = reporter.text("use.1")
+    assert_no_secret(text)
+    assert "+ stat -c '%a' /.djinn/env\n600\n" in text
+    assert "plain=visible" in text
+    assert "'BAD-NAME' are not shell names" in reporter.text("create-driver")
+    assert labelled(docker_api, build) == NOTHING
+
+
+SYMLINKS = HEAD + """stages: [make]
+jobs:
+  - stage: make
+    commands:
+      - mkdir -p /outside && echo canary > /outside/canary.txt && echo inside > real.txt
+      - ln -s /outside dirlink
+      - ln -s /outside/canary.txt filelink
+      - ln -s ../outside/canary.txt relative-link
+      - mkdir -p sub && ln -s ../real.txt sub/ok-link
+      - ln -s dirlink chained
+    artifacts: [dirlink/canary.txt, filelink, relative-link, "dirlink/*.txt", chained/canary.txt, sub/ok-link => ok.txt]
+"""
+
+
+def test_artifacts_through_symlinks_out_of_the_workspace_are_refused(docker_api, reporter, tmp_path):
+    build = new_id("links")
+    runner, _ = make_runner(SYMLINKS, reporter, tmp_path, build)
+    assert runner.run() is Status.PASSED, reporter.output
+    text = reporter.text("make.1")
+    for source in ("dirlink/canary.txt", "filelink", "relative-link", "dirlink/*.txt", "chained/canary.txt"):
+        assert f"djinn: artifact {source}: artifact source {source!r} leads outside the workspace" in text, text
+    arts = tmp_path / "artifacts"
+    assert sorted(p.name for p in arts.iterdir()) == ["ok.txt"]
+    assert (arts / "ok.txt").read_text() == "inside\n"
+    assert all(b"canary" not in p.read_bytes() for p in arts.iterdir())
     assert labelled(docker_api, build) == NOTHING

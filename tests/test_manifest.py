@@ -129,9 +129,18 @@ def test_env_must_be_key_value():
     assert "env[0]: 'NOVALUE' is not KEY=VALUE" in p
 
 
-def test_unknown_top_level_key():
-    (p,) = problems("driver: {type: os}\nstage: [a]\n")
-    assert p.startswith("line 2: stage: unknown key")
+def test_unknown_top_level_key_is_a_warning_naming_key_and_line():
+    """Upstream ignores keys it does not know (e.g. build_timeout): the build runs, the user is told."""
+    m = parse_manifest("driver: {type: os}\nbuild_timeout: 10m\nstages: [a]\njobs: [{stage: a, commands: [x]}]\n")
+    (warning,) = m.warnings
+    assert warning.startswith("line 2: build_timeout: unknown key, ignored")
+    assert m.stages == ("a",) and m.jobs[0].commands == ("x",)
+    assert parse_manifest(GOOD).warnings == ()
+
+
+def test_unknown_job_key_is_still_refused():
+    (p,) = problems("driver: {type: os}\nstages: [a]\njobs: [{stage: a, comands: [x], commands: [y]}]\n")
+    assert p.startswith("line 3: jobs[0].comands: unknown key")
 
 
 def test_all_problems_reported_together():

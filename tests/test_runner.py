@@ -8,13 +8,15 @@ import time
 from pathlib import Path
 
 
-from runner_support import runner_for
+import json
+
+from runner_support import SECRET_COMMANDS, SECRET_VALUE, assert_no_secret, runner_for
 
 from djinn.drivers.os import OSDriver
 from djinn.manifest import parse_manifest
 from djinn.output import Masker
 from djinn.plan import plan_build
-from djinn.runner import Runner, Variable
+from djinn.runner import Key, Runner, Variable
 from djinn.status import Status
 
 
@@ -295,3 +297,100 @@ def test_env_reaches_child_only(reporter, tmp_path):
     runner.run()
     assert "v=yes" in reporter.text("a.1")
     assert "DJINN_TEST_ONLY_CHILD" not in os.environ
+
+
+def _commands(commands) -> str:
+    return "\n".join(f"      - {json.dumps(c)}" for c in commands)
+
+
+def test_masked_value_never_shows_in_a_dash_trace(reporter, tmp_path):
+    """/bin/sh here is dash: what its `set -x` prints of a value with ', $, spaces, tab, \\ and a newline is masked."""
+    assert os.path.realpath("/bin/sh").endswith("dash")
+    manifest = f"driver: {{type: os}}\nstages: [a]\njobs:\n  - stage: a\n    commands:\n{_commands(SECRET_COMMANDS)}\n"
+    runner, _ = make_runner(manifest, reporter, tmp_path, variables=[Variable("SECRET", SECRET_VALUE, masked=True)])
+    assert runner.run() is Status.PASSED, reporter.output
+    assert_no_secret(reporter.text("a.1"))
+
+
+DAEMONS = """
+driver: {type: os}
+stages: [a, b]
+jobs:
+  - stage: a
+    commands:
+      - setsid sleep 1000 & echo $! > setsid.pid
+      - sh -c 'sleep 1001 & echo $! > daemon.pid' &
+      - setsid sh -c 'setsid sleep 1002 & echo $! > deep.pid; sleep 1003' & echo $! > parent.pid
+      - while [ ! -s daemon.pid ] || [ ! -s deep.pid ]; do sleep 0.05; done
+      - echo started
+      - LAST
+  - stage: b
+    commands: ["cat ../workspace/*.pid"]
+"""
+
+
+def _daemon_pids(driver: OSDriver) -> list[int]:
+    assert driver.root is not None
+    return [int((driver.workspace / f"{n}.pid").read_text()) for n in ("setsid", "daemon", "deep", "parent")]
+
+
+def test_setsid_and_double_forked_children_do_not_outlive_the_job(reporter, tmp_path):
+    runner, driver = make_runner(DAEMONS.replace("LAST", "echo done"), reporter, tmp_path)
+    pids: list[int] = []
+    # Read the pids while the build directory still exists: the second job runs after the first one's end.
+    reporter_finished = reporter.job_finished
+
+    def finished(job, status, ran):
+        if job.name == "a.1":
+            pids.extend(_daemon_pids(driver))
+        reporter_finished(job, status, ran)
+
+    reporter.job_finished = finished
+    assert runner.run() is Status.PASSED, reporter.output
+    assert len(pids) == 4
+    assert not [p for p in pids if pid_alive(p)], "processes outlived the job"
+    assert "started" in reporter.text("a.1")
+
+
+def test_setsid_children_are_killed_with_the_build(reporter, tmp_path):
+    runner, driver = make_runner(DAEMONS.replace("LAST", "sleep 600"), reporter, tmp_path)
+    result: list[Status] = []
+    thread = threading.Thread(target=lambda: result.append(runner.run()))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while "started" not in reporter.text("a.1") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pids = _daemon_pids(driver)
+    assert all(pid_alive(p) for p in pids)
+    runner.cancel()
+    thread.join(30)
+    assert result == [Status.KILLED]
+    assert not [p for p in pids if pid_alive(p)], "processes outlived the kill"
+
+
+def test_artifacts_through_symlinked_directories_are_refused(reporter, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "canary.txt").write_text("canary\n")
+    manifest = f"""
+driver: {{type: os}}
+stages: [a]
+jobs:
+  - stage: a
+    commands: ["ln -s {outside} dirlink", "ln -s dirlink chained", "mkdir sub", "echo in > real.txt", "ln -s ../real.txt sub/ok"]
+    artifacts: ["dirlink/canary.txt", "chained/canary.txt", "dirlink/*.txt", "sub/ok => ok.txt"]
+"""
+    runner, _ = make_runner(manifest, reporter, tmp_path)
+    assert runner.run() is Status.PASSED, reporter.output
+    out = reporter.text("a.1")
+    for source in ("dirlink/canary.txt", "chained/canary.txt", "dirlink/*.txt"):
+        assert f"artifact {source}: artifact source" in out and "leaves the build directory" in out, out
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["ok.txt"]
+
+
+def test_key_names_must_be_plain_file_names(reporter, tmp_path):
+    manifest = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['true']}\n"
+    runner, driver = make_runner(manifest, reporter, tmp_path, keys=[Key("../../escaped", "-----FAKE KEY-----\n")])
+    assert runner.run() is Status.FAILED
+    assert "djinn: key name '../../escaped' must be a plain file name" in reporter.text("create-driver")
+    assert not (tmp_path / "escaped").exists()

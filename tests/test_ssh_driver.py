@@ -10,6 +10,7 @@ import datetime
 import hashlib
 import io
 import os
+import shlex
 import shutil
 import socket
 import stat
@@ -22,7 +23,9 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from runner_support import runner_for
+import json
+
+from runner_support import BASH_SECRET_COMMANDS, SECRET_COMMANDS, SECRET_PIECES, SECRET_VALUE, assert_no_secret, runner_for
 
 from djinn.config import DriverConfig, SSHSettings
 from djinn.drivers.ssh import SSHDriver, parse_address, parse_timeout
@@ -343,6 +346,71 @@ def test_large_artifact_and_output_are_exact(sshd, tmp_path, reporter):
     assert hashlib.sha256((tmp_path / "artifacts" / "big.bin").read_bytes()).hexdigest() == digest
     expected = "".join(f"{i}\n" for i in range(1, 200001))
     assert "+ seq 1 200000\n" + expected + "Collected artifact big.bin => big.bin\n" in reporter.text("s.1")
+
+
+def _command_lines() -> str:
+    """Every process's command line on this machine (sshd runs here, so the build host's `ps` is ours)."""
+    lines = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    lines.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
+    return "\n".join(lines)
+
+
+def test_masked_value_never_shows_in_dash_or_bash_traces_nor_in_ps(sshd, tmp_path, reporter):
+    """The job's /bin/sh (dash) and a bash it starts trace the value; every quoting is masked, no argv holds it."""
+    workspace = tmp_path / "ws"
+    bash = "bash -xc " + shlex.quote("; ".join((*SECRET_COMMANDS[:-1], *BASH_SECRET_COMMANDS)))
+    commands = [*SECRET_COMMANDS, bash, "sleep 300"]
+    lines = "\n".join(f"      - {json.dumps(c)}" for c in commands)
+    manifest = (
+        f"driver: {{type: ssh, address: '{sshd.address}', workspace: '{workspace}'}}\nstages: [s]\njobs:\n"
+        f"  - stage: s\n    commands:\n{lines}\n"
+    )
+    variables = [Variable("SECRET", SECRET_VALUE, masked=True), Variable("ODD-NAME", "x")]
+    runner, _ = make_runner(manifest, reporter, tmp_path, root_settings(sshd), variables=variables)
+    result: list[Status] = []
+    thread = threading.Thread(target=lambda: result.append(runner.run()))
+    thread.start()
+    try:
+        assert wait_for(lambda: "\n+ sleep 300\n" in reporter.text("s.1"), 60), reporter.output
+        argv = _command_lines()
+        assert "sleep 300" in argv  # the scan does see the job's processes
+        for piece in SECRET_PIECES:
+            assert piece not in argv, f"{piece!r} is on a command line"
+    finally:
+        runner.cancel()
+        thread.join(60)
+    assert result == [Status.KILLED]
+    text = reporter.text("s.1")
+    assert_no_secret(text)
+    assert "+ printf '%q\\n'" in text  # bash ran and traced
+    assert "'ODD-NAME' are not shell names" in reporter.text("create-driver")
+
+
+def test_artifacts_through_symlinks_out_of_the_workspace_are_refused(sshd, tmp_path, reporter):
+    workspace = tmp_path / "ws"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "canary.txt").write_text("canary\n")
+    manifest = (
+        f"driver: {{type: ssh, address: '{sshd.address}', workspace: '{workspace}'}}\nstages: [s]\njobs:\n"
+        "  - stage: s\n"
+        f"    commands: ['ln -s {outside} dirlink', 'ln -s {outside}/canary.txt filelink', 'echo in > real.txt',"
+        " 'mkdir sub', 'ln -s ../real.txt sub/ok']\n"
+        "    artifacts: [dirlink/canary.txt, filelink, 'dirlink/*.txt', ../outside/canary.txt, 'sub/ok => ok.txt']\n"
+    )
+    runner, _ = make_runner(manifest, reporter, tmp_path, root_settings(sshd))
+    assert runner.run() is Status.PASSED, reporter.output
+    text = reporter.text("s.1")
+    for source in ("dirlink/canary.txt", "filelink", "dirlink/*.txt", "../outside/canary.txt"):
+        assert f"djinn: artifact {source}: artifact source {source!r} leads outside the workspace" in text, text
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["ok.txt"]
+    assert (tmp_path / "artifacts" / "ok.txt").read_text() == "in\n"
 
 
 # --- the driver alone ---------------------------------------------------------

@@ -16,6 +16,10 @@ Why it looks the way it does (upstream made three containers per job):
   copied in with one archive upload into the first job's container before it
   starts; keys live in a second volume at /root/.ssh so every later job has
   them too. Other absolute destinations are copied into every job's container.
+- The build environment never goes into a container's config (where `docker
+  inspect` shows it): it is written as `export` lines to /.djinn/env (mode
+  0600, in a volume of the build uploaded with the first job), which each job's
+  script sources before tracing starts.
 - Output is read from an attach made before the container starts, so nothing
   is missed and nothing waits on the engine's log files; the container logs to
   nothing (masked values never reach the engine's disk).
@@ -25,8 +29,10 @@ Why it looks the way it does (upstream made three containers per job):
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import io
+import json
 import logging
 import os
 import posixpath
@@ -45,6 +51,7 @@ from docker.types import LogConfig, Mount
 
 from djinn.drivers.base import Driver, Output
 from djinn.errors import DriverError
+from djinn.output import refused_names_message, shell_exports
 from djinn.paths import PathEscapeError
 
 log = logging.getLogger(__name__)
@@ -55,8 +62,9 @@ JOB_LABEL = "djinn.job"
 DEFAULT_WORKER = "offline"
 #: Where keys go; a volume is mounted there when anything is placed under it.
 SSH_DIR = "/root/.ssh"
-#: Where a script too big for the command line is copied to.
+#: Where a script too big for the command line is copied to, and where the env file is.
 SCRIPT_DIR = "/.djinn"
+ENV_FILE = f"{SCRIPT_DIR}/env"
 # One argument to exec may be at most 128 KiB on Linux (MAX_ARG_STRLEN); keep clear of it.
 MAX_INLINE_SCRIPT = 96 * 1024
 SPOOL_SIZE = 8 << 20
@@ -163,8 +171,10 @@ class DockerDriver(Driver):
         # Named per driver, not per build id alone: a rerun of a build must never see a stale workspace.
         self.volume = f"djinn-{self.build_id}-{suffix}"
         self.ssh_volume = f"{self.volume}-ssh"
+        self.env_volume = f"{self.volume}-env"
         self.api: docker.APIClient | None = None
-        self.env: list[str] = []
+        self._has_env = False
+        self._env_dir_mode = 0o700
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
         self._running: str | None = None  # the started container cancel must kill
@@ -199,17 +209,26 @@ class DockerDriver(Driver):
         self.workspace = posixpath.normpath(ws)
         if self._cancelled.is_set():
             raise DriverError("the build was cancelled")
-        self.env = [f"{k}={v}" for k, v in env.items()]
+        exports, refused = shell_exports(env)
+        if refused:
+            log(refused_names_message(refused))
         log(b"Running with Docker driver...\n")
         self.api = _api_client(self.host, self.version)
-        image_id = self._ensure_image(log)
+        image_id, user = self._ensure_image(log)
         log(f"Using Docker image {self.image} - {image_id}...\n".encode())
+        if exports:
+            # Private to root; an image that runs as another user must still be able to read it
+            # (it is the build's own container either way: the point is keeping it out of inspect).
+            as_root = user.split(":", 1)[0] in ("", "root", "0")
+            self._env_dir_mode = 0o700 if as_root else 0o755
+            self._pending.append(_Placement(ENV_FILE, io.BytesIO(exports), 0o600 if as_root else 0o644))
+            self._has_env = True
 
-    def _ensure_image(self, log: Output) -> str:
-        """The image's id: used when present, pulled when absent, else a DriverError naming it."""
+    def _ensure_image(self, log: Output) -> tuple[str, str]:
+        """The image's id and user: used when present, pulled when absent, else a DriverError naming it."""
         assert self.api is not None
         try:
-            return self.api.inspect_image(self.image)["Id"]
+            return _id_and_user(self.api.inspect_image(self.image))
         except docker.errors.ImageNotFound:
             pass
         except requests.exceptions.ConnectionError as exc:
@@ -241,7 +260,7 @@ class DockerDriver(Driver):
                 f"Docker image {self.image!r} is not present and could not be pulled: {error[-1]}"
             )
         try:
-            return self.api.inspect_image(self.image)["Id"]
+            return _id_and_user(self.api.inspect_image(self.image))
         except _ENGINE_ERRORS as exc:
             raise DriverError(f"Docker image {self.image!r} was pulled but cannot be inspected: {_explain(exc)}") from None
 
@@ -282,12 +301,14 @@ class DockerDriver(Driver):
         assert self.api is not None
         with tempfile.SpooledTemporaryFile(max_size=SPOOL_SIZE) as archive:
             with tarfile.open(fileobj=archive, mode="w", format=tarfile.GNU_FORMAT) as tar:
-                if any(p.path.startswith(SSH_DIR.lstrip("/") + "/") for p in items):
-                    info = tarfile.TarInfo(SSH_DIR.lstrip("/"))
-                    info.type = tarfile.DIRTYPE
-                    info.mode = 0o700
-                    info.mtime = int(time.time())
-                    tar.addfile(info)
+                private = [(SSH_DIR, 0o700)] + ([(SCRIPT_DIR, self._env_dir_mode)] if self._has_env else [])
+                for directory, mode in private:
+                    if any(p.path.startswith(directory.lstrip("/") + "/") for p in items):
+                        info = tarfile.TarInfo(directory.lstrip("/"))
+                        info.type = tarfile.DIRTYPE
+                        info.mode = mode
+                        info.mtime = int(time.time())
+                        tar.addfile(info)
                 for item in items:
                     item.add_to(tar)
             archive.seek(0)
@@ -306,6 +327,8 @@ class DockerDriver(Driver):
         mounts = [Mount(target=self.workspace, source=self.volume, type="volume", labels=labels)]
         if self._ssh_used:
             mounts.append(Mount(target=SSH_DIR, source=self.ssh_volume, type="volume", labels=labels))
+        if self._has_env:
+            mounts.append(Mount(target=SCRIPT_DIR, source=self.env_volume, type="volume", labels=labels))
         return mounts
 
     def execute(self, name: str, script: bytes, output: Output) -> int:
@@ -315,6 +338,9 @@ class DockerDriver(Driver):
             return SIGKILL_STATUS
         api = self.api
         extra: list[_Placement] = []
+        if self._has_env:
+            # Sourced before the script's own first line, so `set -x` does not trace the values.
+            script = f". {ENV_FILE}\n".encode() + script
         try:
             text = script.decode()
         except UnicodeDecodeError:
@@ -335,7 +361,6 @@ class DockerDriver(Driver):
             container = api.create_container(
                 self.image,
                 entrypoint=entrypoint,
-                environment=self.env,
                 working_dir=self.workspace,
                 labels={**self.labels, JOB_LABEL: name},
                 host_config=host_config,
@@ -391,27 +416,48 @@ class DockerDriver(Driver):
         if "*" in source:
             yield from self._collect_glob(container, full)
             return
-        found = self._archive(container, full, source)
+        resolved = self._resolve(container, full, source)
+        if resolved is None:
+            return
+        found = self._archive(container, resolved, source)
         if found is None:
             return
-        chunks, stat = found
-        target = (stat or {}).get("linkTarget") or ""
-        if target and target != full:
-            # A symlink: follow it only while it stays inside the workspace.
-            _close_chunks(chunks)
-            resolved = posixpath.normpath(target)
-            if resolved != self.workspace and not resolved.startswith(self.workspace + "/"):
-                raise PathEscapeError(f"artifact source {source!r} links outside the workspace ({target})")
-            found = self._archive(container, resolved, source)
-            if found is None:
-                return
-            chunks = found[0]
+        chunks = found[0]
         with tarfile.open(fileobj=io.BufferedReader(_ChunkReader(chunks), READ_SIZE), mode="r|") as tar:
             member = tar.next()
             if member is not None and member.isfile():
                 stream = tar.extractfile(member)
                 if stream is not None:
                     yield posixpath.relpath(full, self.workspace), stream
+
+    def _resolve(self, container: str, full: str, source: str) -> str | None:
+        """`full` with every symlink along it resolved in the container; None when it does not exist.
+
+        Refused (PathEscapeError) when any component leads out of the workspace. The job's
+        container has exited, so nothing changes between this walk and the copy.
+        """
+        assert self.api is not None
+        rest = posixpath.relpath(full, self.workspace).split("/")
+        current = self.workspace
+        for name in [n for n in rest if n not in ("", ".")]:
+            current = posixpath.join(current, name)
+            try:
+                response = self.api.head(self.api._url("/containers/{0}/archive", container), params={"path": current})
+            except _ENGINE_ERRORS as exc:
+                raise DriverError(f"cannot look up {source!r} in the container: {_explain(exc)}") from None
+            if response.status_code == 404:
+                return None
+            if response.status_code != 200:
+                raise DriverError(f"cannot look up {source!r} in the container: engine answered {response.status_code}")
+            stat = _path_stat(response.headers.get("X-Docker-Container-Path-Stat"))
+            target = stat.get("linkTarget") or ""
+            if target:
+                current = posixpath.normpath(target)
+                if current != self.workspace and not current.startswith(self.workspace + "/"):
+                    raise PathEscapeError(
+                        f"artifact source {source!r} leads outside the workspace through a symlink ({target}); not collected"
+                    )
+        return current
 
     def _archive(self, container: str, path: str, source: str) -> tuple[Any, dict] | None:
         """The tar stream and stat of `path` in the container, None when it does not exist."""
@@ -428,8 +474,11 @@ class DockerDriver(Driver):
         parts = pattern.split("/")
         first = next(i for i, p in enumerate(parts) if "*" in p)
         base = "/".join(parts[:first]) or "/"
+        resolved = self._resolve(container, base, pattern.removeprefix(self.workspace + "/"))
+        if resolved is None:
+            return
         try:
-            chunks, _ = self.api.get_archive(container, base)
+            chunks, _ = self.api.get_archive(container, resolved)
         except docker.errors.NotFound:
             return
         except _ENGINE_ERRORS as exc:
@@ -440,7 +489,9 @@ class DockerDriver(Driver):
             for member in tar:
                 if not member.isfile():
                     continue
-                path = posixpath.normpath(posixpath.join(parent or "/", member.name))
+                # Named from the resolved directory's name: put the name the pattern used back.
+                name = posixpath.basename(base) + member.name[len(posixpath.basename(resolved)):]
+                path = posixpath.normpath(posixpath.join(parent or "/", name))
                 if _glob_match(path, parts):
                     stream = tar.extractfile(member)
                     if stream is not None:
@@ -508,6 +559,20 @@ class DockerDriver(Driver):
         with self._lock:
             api, self.api = self.api, None
         api.close()
+
+
+def _path_stat(header: str | None) -> dict[str, Any]:
+    """The engine's X-Docker-Container-Path-Stat header: base64 of a JSON object."""
+    if not header:
+        return {}
+    try:
+        return json.loads(base64.b64decode(header))
+    except (ValueError, TypeError):
+        return {}
+
+
+def _id_and_user(inspected: Mapping[str, Any]) -> tuple[str, str]:
+    return inspected["Id"], str((inspected.get("Config") or {}).get("User") or "")
 
 
 def _glob_match(path: str, parts: list[str]) -> bool:

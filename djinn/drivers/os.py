@@ -2,12 +2,20 @@
 
 For trusted builds and local use. The build environment goes to the child
 processes only, never into the worker's own environment.
+
+No process outlives its build: every job process carries a per-build tag in
+its environment (DJINN_BUILD_TAG), which its children inherit also when they
+leave the job's process group (`setsid`, a double-forked daemon). At the end of
+each job, and on kill or timeout, every process of ours whose environment holds
+the tag is killed. Only a process that replaces its whole environment (`env -i`)
+escapes this; a cgroup per build would not, but needs a writable cgroup tree.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -31,6 +39,10 @@ DRAIN_SECONDS = 2.0
 # Variables of the worker's own environment a build inherits; nothing else (database
 # passwords and the like) leaks into build processes.
 INHERITED = ("PATH", "LANG", "LC_ALL", "TZ")
+#: The environment variable that marks every process of one build.
+TAG_VARIABLE = "DJINN_BUILD_TAG"
+# How many rounds of scan-and-kill before giving up on a process that keeps forking.
+KILL_ROUNDS = 50
 
 
 class OSDriver(Driver):
@@ -43,6 +55,7 @@ class OSDriver(Driver):
         self._lock = threading.Lock()
         self._cancelled = False
         self._process: subprocess.Popen[bytes] | None = None
+        self.tag = secrets.token_hex(12)
 
     @property
     def workspace(self) -> Path:
@@ -57,7 +70,7 @@ class OSDriver(Driver):
         (self.root / "scripts").mkdir()
         base = {k: os.environ[k] for k in INHERITED if k in os.environ}
         base.setdefault("PATH", os.defpath)
-        self.env = {**base, "HOME": str(self.workspace), **env}
+        self.env = {**base, "HOME": str(self.workspace), **env, TAG_VARIABLE: self.tag}
         log(f"Running with OS driver in {self.workspace}...\n".encode())
 
     def key_location(self, name: str) -> str:
@@ -95,6 +108,7 @@ class OSDriver(Driver):
             return process.wait()
         finally:
             self._kill_group(process)
+            self.kill_tagged()
             with self._lock:
                 self._process = None
             script_path.unlink(missing_ok=True)
@@ -122,6 +136,35 @@ class OSDriver(Driver):
         finally:
             process.stdout.close()
 
+    def tagged_processes(self) -> list[int]:
+        """Pids of live processes whose environment carries this build's tag (those we may read)."""
+        marker = f"{TAG_VARIABLE}={self.tag}".encode()
+        found = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/environ", "rb") as f:
+                    environ = f.read()
+            except OSError:  # gone, or another user's
+                continue
+            if marker in environ.split(b"\0"):
+                found.append(int(entry.name))
+        return found
+
+    def kill_tagged(self) -> None:
+        """SIGKILL every process of this build, also those that left the job's process group."""
+        for _ in range(KILL_ROUNDS):
+            pids = [pid for pid in self.tagged_processes() if pid != os.getpid()]
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            time.sleep(0.01)  # let the kills land before looking for forks made meanwhile
+
     @staticmethod
     def _kill_group(process: subprocess.Popen[bytes]) -> None:
         try:
@@ -148,6 +191,7 @@ class OSDriver(Driver):
             process = self._process
         if process is not None:
             self._kill_group(process)
+        self.kill_tagged()
 
     def destroy(self) -> None:
         self.cancel()

@@ -17,7 +17,12 @@ Layout on the remote side:
 The build environment is written into the wrapper script (`export K='v'`,
 mode 0700) rather than sent as SSH `env` requests: those need `AcceptEnv`
 on the server and sshd drops refused ones silently, and putting the values on
-the command line would show masked values in the remote `ps`.
+the command line would show masked values in the remote `ps`. Variables whose
+names are not shell names are left out (with a line in the setup output), as
+only env(1) on a command line could set them.
+
+Artifacts are resolved on the server (SFTP realpath) and refused when any
+symlink along the path leads out of the workspace.
 
 Each job runs as `exec /bin/sh <wrapper> <script> <pidfile>`, so the job's
 shell is the session leader sshd made (setsid) and its pid names the job's
@@ -52,6 +57,8 @@ import paramiko
 from djinn.config.language import parse_duration
 from djinn.drivers.base import Driver, Output
 from djinn.errors import DjinnError, DriverError
+from djinn.output import refused_names_message, shell_exports
+from djinn.paths import PathEscapeError
 
 DEFAULT_PORT = 22
 DEFAULT_TIMEOUT = 60.0
@@ -86,7 +93,6 @@ _quiet = logging.getLogger(_ATTEMPT_LOG)
 _quiet.addHandler(logging.NullHandler())
 _quiet.propagate = False
 _NO_BANNER = "the server accepted the connection but sent no SSH banner"
-_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def parse_address(address: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -182,6 +188,7 @@ class SSHDriver(Driver):
         self.address: str | None = None  # host:port, for messages
         self.home: str | None = None
         self.workspace: str | None = None
+        self._real_workspace: str | None = None  # the workspace with symlinks resolved on the server
         self.private_dir: str | None = None
         self._wrapper: str | None = None
         self._lock = threading.Lock()
@@ -203,7 +210,7 @@ class SSHDriver(Driver):
         host, port = parse_address(str(self.settings.get("address") or self.settings.get("addr") or ""))
         log(f"Running with SSH driver...\nConnecting to {self.user}@{format_address(host, port)}...\n".encode())
         self.connect(host, port, deadline=time.monotonic() + self.timeout)
-        self.start(env)
+        self.start(env, log)
         log(f"Established SSH connection to {self.address}, working in {self.workspace}\n".encode())
 
     def connect(
@@ -385,7 +392,7 @@ class SSHDriver(Driver):
             self.address = format_address(str(peer[0]), int(peer[1]))
         self.start(env)
 
-    def start(self, env: Mapping[str, str]) -> None:
+    def start(self, env: Mapping[str, str], log: Output | None = None) -> None:
         """After `connect`: open SFTP, find the workspace, write the environment wrapper."""
         for key, value in env.items():
             if not key or "=" in key or "\0" in key or "\0" in str(value):
@@ -405,8 +412,12 @@ class SSHDriver(Driver):
             self.workspace = posixpath.normpath(posixpath.join(self.home, workspace)) if workspace else self.home
             self._makedirs(self.workspace, 0o755)
             self.private_dir = self._make_private_dir()
+            self._real_workspace = self.sftp.normalize(self.workspace)
             self._wrapper = f"{self.private_dir}/run"
-            self._write(self._wrapper, io.BytesIO(self._wrapper_script(env)), 0o700)
+            script, refused = self._wrapper_script(env)
+            if refused and log is not None:
+                log(refused_names_message(refused))
+            self._write(self._wrapper, io.BytesIO(script), 0o700)
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise self._failure("preparing the build directory", exc) from None
 
@@ -423,8 +434,11 @@ class SSHDriver(Driver):
                 errors.append(f"{path}: {exc}")
         raise DriverError(f"cannot make a directory for job scripts on {self.address}: {'; '.join(errors)}")
 
-    def _wrapper_script(self, env: Mapping[str, str]) -> bytes:
-        """sh script: records its pid (= the job's process group), enters the workspace, execs the job with the env."""
+    def _wrapper_script(self, env: Mapping[str, str]) -> tuple[bytes, list[str]]:
+        """sh script: records its pid (= the job's process group), enters the workspace, execs the job with the env.
+
+        Also the names left out because a shell cannot set them.
+        """
         assert self.workspace is not None
         lines = [
             "#!/bin/sh",
@@ -432,14 +446,9 @@ class SSHDriver(Driver):
             'echo $$ > "$2"',
             f"cd {_q(self.workspace)} || exit 1",
         ]
-        odd = []
-        for key, value in env.items():
-            if _NAME_RE.match(key):
-                lines.append(f"export {key}={_q(str(value))}")
-            else:
-                odd.append(_q(f"{key}={value}"))  # not a shell name: only env(1) can set it
-        lines.append(f"exec {'env ' + ' '.join(odd) + ' ' if odd else ''}/bin/sh \"$1\"")
-        return ("\n".join(lines) + "\n").encode()
+        exports, refused = shell_exports(env)
+        script = ("\n".join(lines) + "\n").encode() + exports + b'exec /bin/sh "$1"\n'
+        return script, refused
 
     # --- jobs ---------------------------------------------------------------
 
@@ -630,11 +639,16 @@ class SSHDriver(Driver):
             matches = self._glob(pattern) if "*" in source else [pattern]
             for match in matches:
                 try:
-                    st = self.sftp.stat(match)
+                    real = self.sftp.normalize(match)
+                    st = self.sftp.stat(real)
                 except FileNotFoundError:
                     continue
+                inside = self._real_workspace or self.workspace
+                if real != inside and not real.startswith(inside.rstrip("/") + "/"):
+                    raise PathEscapeError(f"artifact source {source!r} leads outside the workspace ({real}); not collected")
                 if not stat.S_ISREG(st.st_mode or 0):
                     continue
+                # Opened by the path as listed (checked above); the job that could swap links is over.
                 with self.sftp.open(match, "rb") as remote:
                     shown = match.removeprefix(self.workspace.rstrip("/") + "/")
                     failure = functools.partial(self._failure, f"reading {shown}")
