@@ -210,7 +210,9 @@ class _Parser:
             if name is None:
                 self.problem(knode, key or "manifest", "keys must be strings")
             elif allowed is not None and name not in allowed and warn_unknown:
-                where = f"line {knode.start_mark.line + 1}: "
+                # Said as errors are (djinn.errors.ManifestError): the file, the line, the key.
+                where = f"{self.path}: " if self.path else ""
+                where += f"line {knode.start_mark.line + 1}: "
                 self.warnings.append(f"{where}{label}: unknown key, ignored (known keys: {', '.join(allowed)})")
             elif allowed is not None and name not in allowed:
                 self.problem(knode, label, f"unknown key (expected one of: {', '.join(allowed)})")

@@ -11,7 +11,7 @@ manifest's stages and jobs; and an artifact row, with a hashid hash, per artifac
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 from sqlalchemy import JSON, bindparam, delete, func, insert, select, text
@@ -49,6 +49,8 @@ class Submitted:
     id: int
     number: int
     queue: str
+    #: What the manifest holds that the worker ignores (unknown keys), for the caller to show.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -330,4 +332,4 @@ def submit(
         with transaction(sessions) as session:
             session.execute(delete(Build).where(Build.id == submitted.id))
         raise SubmitError(f"cannot queue the build on {submitted.queue}: {exc}") from None
-    return submitted
+    return replace(submitted, warnings=manifest.warnings)

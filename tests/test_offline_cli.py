@@ -217,3 +217,13 @@ def test_closed_output_pipe_ends_quietly_and_the_build_still_finishes(tmp_path):
     assert proc.wait(120) == 0
     assert stderr == ""
     assert (tmp_path / "out.txt").read_text() == "done\n"
+
+
+def test_unknown_manifest_keys_warn_and_the_build_runs(tmp_path):
+    """As upstream: a key the runner does not know is ignored; the user is told which, and where."""
+    write(tmp_path / ".djinn.yml", "driver: {type: os}\nbuild_timeout: 10m\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo ran-anyway']}\n")
+    res = djinn(cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "ran-anyway" in res.stdout
+    (line,) = [l for l in res.stderr.splitlines() if "warning" in l]
+    assert line.startswith("djinn: warning: ") and ".djinn.yml: line 2: build_timeout: unknown key" in line, res.stderr

@@ -219,3 +219,16 @@ def test_secret_named_alone_is_taken_from_the_environment_and_masked(worker_env,
     assert worker_env.wait_status(build_id)["status"] == "passed"
     output = worker_env.cli("logs", str(build_id)).stdout
     assert "token=xxxxxx" in output and "from-env-4711" not in output
+
+
+def test_unknown_manifest_keys_are_warned_about_and_the_build_runs(worker_env, tmp_path):
+    """Upstream ignores manifest keys it does not know: submit says which, naming the line, and queues the build."""
+    worker_env.start_worker()
+    manifest = tmp_path / "m.yml"
+    manifest.write_text("driver: {type: os}\nbuild_timeout: 10m\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo ran']}\n")
+    res = run("submit", str(manifest), "-json", "-config", str(worker_env.config))
+    assert res.returncode == 0, res.stderr
+    warning = one_line(res, 0)
+    assert warning.startswith("djinn-worker: warning: ") and "m.yml: line 2: build_timeout: unknown key" in warning, res.stderr
+    build_id = json.loads(res.stdout)["id"]
+    assert worker_env.wait_status(build_id)["status"] == "passed"

@@ -139,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         manifest = load_manifest(args.manifest)
+        warn(PROG, manifest.warnings)
         config = _driver_config(args.driver)
         warn(PROG, config.warnings)
         plan = plan_build(manifest)

@@ -286,6 +286,7 @@ def cmd_submit(argv: Sequence[str]) -> int:
         raise InputError(f"{args.manifest}: contains text that is not valid UTF-8 (such as a \\ud800 escape)") from None
     except sqlalchemy.exc.DataError as exc:
         raise InputError(f"{args.manifest}: a value does not fit its database column: {_first_line(exc)}") from None
+    warn(PROG, submitted.warnings)
     if args.json:
         print(json.dumps({"id": submitted.id, "number": submitted.number, "queue": submitted.queue}))
     else:
