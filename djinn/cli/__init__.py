@@ -58,6 +58,20 @@ def add_version_flag(parser: argparse.ArgumentParser, prog: str) -> None:
     parser.add_argument("-version", "--version", action="version", version=line, help="print the version and exit")
 
 
+def add_variable_flags(parser: argparse.ArgumentParser) -> None:
+    """`-env KEY=VALUE` and `-secret KEY`, the same on both commands (read with `variable_pairs`)."""
+    parser.add_argument("-env", "--env", action="append", default=[], metavar="KEY=VALUE", help="add a build variable (repeatable)")
+    parser.add_argument(
+        "-secret",
+        "--secret",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="add a masked build variable (shown as xxxxxx in output), its value taken from the environment "
+        "variable KEY; KEY=VALUE works too, but the value is then visible to ps (repeatable)",
+    )
+
+
 def fail(prog: str, error: DjinnError | str, code: int = EXIT_INVALID) -> int:
     print(f"{prog}: {error}", file=sys.stderr)
     return code

@@ -13,7 +13,7 @@ import sys
 import threading
 from typing import BinaryIO, Sequence
 
-from djinn.cli import EXIT_INVALID, ArgumentParser, add_version_flag, fail, variable_pairs, warn
+from djinn.cli import EXIT_INVALID, ArgumentParser, add_variable_flags, add_version_flag, fail, variable_pairs, warn
 from djinn.config import DriverConfig, load_driver_config
 from djinn.config.language import parse_duration
 from djinn.drivers import make_driver
@@ -102,16 +102,7 @@ def build_parser() -> ArgumentParser:
         metavar="DURATION",
         help="bound the whole build, e.g. 90s, 10m, 1h30m (default 30m)",
     )
-    parser.add_argument("-env", "--env", action="append", default=[], metavar="KEY=VALUE", help="add a build variable (repeatable)")
-    parser.add_argument(
-        "-secret",
-        "--secret",
-        action="append",
-        default=[],
-        metavar="KEY",
-        help="add a masked build variable (shown as xxxxxx in output), its value taken from the environment "
-        "variable KEY; KEY=VALUE works too, but the value is then visible to ps (repeatable)",
-    )
+    add_variable_flags(parser)
     add_version_flag(parser, PROG)
     return parser
 

@@ -29,6 +29,7 @@ from djinn.cli import (
     ArgumentParser,
     InputError,
     Unreachable,
+    add_variable_flags,
     add_version_flag,
     check_text,
     fail,
@@ -224,15 +225,7 @@ def cmd_submit(argv: Sequence[str]) -> int:
     parser.add_argument("manifest", metavar="MANIFEST", help="the build manifest file")
     parser.add_argument("-user", "--user", default="djinn", metavar="NAME", help="the build's owner (created if new; default djinn)")
     parser.add_argument("-email", "--email", default=None, metavar="ADDR", help="the owner's mail address, for failure mail")
-    parser.add_argument("-env", "--env", action="append", default=[], metavar="K=V", help="a build variable (repeatable)")
-    parser.add_argument(
-        "-secret",
-        "--secret",
-        action="append",
-        default=[],
-        metavar="KEY",
-        help="a masked build variable, its value taken from $KEY; KEY=VALUE works too but is visible to ps (repeatable)",
-    )
+    add_variable_flags(parser)
     parser.add_argument("-key", "--key", action="append", default=[], metavar="NAME=FILE", help="an SSH key placed at /root/.ssh/NAME (repeatable)")
     parser.add_argument("-comment", "--comment", default="", help="the trigger's description (shown in mail)")
     parser.add_argument("-json", "--json", action="store_true", help='print {"id", "number", "queue"}')
@@ -278,7 +271,7 @@ def cmd_submit(argv: Sequence[str]) -> int:
             enqueue=queue_build,
             manifest_path=args.manifest,
         )
-    except SubmitError as exc:
+    except SubmitError:
         if broker_failures:
             raise Unreachable(f"cannot queue the build: Redis at {ctx.config.redis.addr}: {_first_line(broker_failures[0])}") from None
         raise
