@@ -603,9 +603,9 @@ def hand_off(ctx: Any) -> Callable[[Job], None]:
     """The handler the worker runs for each curlyq job: the job's build becomes a Celery build task."""
     from sqlalchemy import select
 
-    from djinn.lease import FINISHED
     from djinn.models import Build
     from djinn.queue import enqueue
+    from djinn.status import Status
 
     def handle(job: Job) -> None:
         try:
@@ -618,7 +618,7 @@ def hand_off(ctx: Any) -> Callable[[Job], None]:
             status = session.scalar(select(Build.status).where(Build.id == payload.build_id))
         if status is None:
             raise DeadJob(f"build {payload.build_id} does not exist")
-        if status in FINISHED:
+        if Status(status).finished:
             log.info("curlyq %s: build %s is %s already; job %s needs no run", ctx.config.queue, payload.build_id, status, job.id)
             return
         enqueue(ctx.app, payload.build_id, ctx.config.queue, host=payload.host or None)
