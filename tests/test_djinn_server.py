@@ -277,8 +277,8 @@ def write_server_build(env, manifest: str, stages: list[tuple[str, bool, list[tu
 
 
 # The curlyq jobs Go's encoders printed (tests/fixtures/curlyq/gen): msgpack v4 {ID, Data, Attempt}
-# around the gob Payload{Host, BuildID}. The server's first build goes on the queue as those very bytes.
-GO_JOBS = {c["build_id"]: c for c in json.loads((FIXTURES / "curlyq" / "payloads.json").read_text()) if c["name"] == "typical"}
+# around the gob Payload{Host, BuildID}. The emulated server's docker build goes on the queue as those very bytes.
+GO_JOBS = {c["build_id"]: c for c in json.loads((FIXTURES / "curlyq" / "payloads.json").read_text()) if c["name"] == "build id 127"}
 
 
 def enqueue(env, build_id: int, queue: str = "builds_docker") -> str:
@@ -369,6 +369,8 @@ def test_a_docker_build_written_by_the_server_runs_and_leaves_the_servers_rows(d
         "grep -c key-mat /root/.ssh/deploy\n"
         "printf artifact > art.bin"
     )
+    # Go's encoder printed a job for build 127 (tests/fixtures/curlyq): this build gets that id.
+    env.sql("SELECT setval('builds_id_seq', 127, false)")
     build_id = write_server_build(
         env,
         "driver: {type: docker}\n",
@@ -377,7 +379,7 @@ def test_a_docker_build_written_by_the_server_runs_and_leaves_the_servers_rows(d
         with_secrets=True,
         objects=[(object_id, "in/data.txt")],
     )
-    assert build_id in GO_JOBS  # the server's first build: its job is Go's own bytes
+    assert build_id in GO_JOBS, build_id  # its curlyq job is Go's own bytes, which name this build
     job_id = enqueue(env, build_id)
     assert wait_finished(env, build_id) == "passed", env.log_tail()
     assert_acknowledged(env, job_id)
