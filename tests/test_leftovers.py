@@ -90,8 +90,9 @@ def test_killed_worker_leaves_an_os_build_directory_the_next_worker_removes(work
     assert f"removed leftover build directory {build_dir} of build {build_id}" in (worker_env.root / "worker.log").read_text()
 
     # The rerun (the build was orphaned) gets a new directory, which the sweep of a third worker leaves alone.
-    wait_until(lambda: any(j["name"] == "a.1" and j["status"] == "running" for j in worker_env.status(build_id)["jobs"]),
-               60, "the build was not rerun")
+    # The dead run's rows say running until the reaper resets them: wait for the second attempt's own directory.
+    wait_until(lambda: worker_env.sql("SELECT attempt FROM builds WHERE id = :b", b=build_id) == [(2,)]
+               and len(list(scratch.glob("djinn-build-*"))) == 1, 90, "the build was not rerun")
     (rerun_dir,) = scratch.glob("djinn-build-*")
     worker_env.start_worker(name="third")
     assert rerun_dir.exists() and worker_env.status(build_id)["status"] == "running"
