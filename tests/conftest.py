@@ -9,6 +9,18 @@ import threading
 
 import pytest
 
+# Tests that start docker-driver workers share the machine's one Docker engine, and a
+# worker's start-up sweep removes every djinn container of builds its own database
+# does not know: under pytest-xdist (scripts/test runs two processes) they all run in
+# one process, one at a time. Everything else owns its servers and may run beside them.
+DOCKER_ENGINE_MODULES = {"test_docker_driver", "test_drivers_worker", "test_djinn_server", "test_metrics", "test_shutdown"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if "docker_api" in getattr(item, "fixturenames", ()) or item.module.__name__ in DOCKER_ENGINE_MODULES:
+            item.add_marker(pytest.mark.xdist_group("docker-engine"))
+
 from djinn.plan import JobPlan
 from djinn.runner import Reporter
 from djinn.status import Status
