@@ -25,12 +25,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from djinn.errors import ConfigError
 from djinn.config.language import ConfigDict, Pos, Size, config_error, parse_duration, parse_file
+
+
+def quoted(value: object) -> str:
+    """A value from a config file as a message shows it: in quotes, escaped, so an error stays one line."""
+    return json.dumps(str(value), ensure_ascii=False)
 
 __all__ = [
     "CryptoSettings",
@@ -335,7 +341,7 @@ def _describe(value: Any) -> str:
     if isinstance(value, float):
         return f"float {value}"
     if isinstance(value, str):
-        return f'string "{value}"'
+        return f"string {quoted(value)}"
     if isinstance(value, datetime.timedelta):
         return f"duration {value}"
     if isinstance(value, list):
@@ -384,7 +390,7 @@ class _Section:
             canonical = key if key in allowed or key in unused else known.get(key.lower())
             where = f" in {self.path}" if self.path else ""
             if canonical is None:
-                self.warn(pos, f'unknown key "{key}"{where} ignored (known keys: {", ".join(allowed)})')
+                self.warn(pos, f'unknown key {quoted(key)}{where} ignored (known keys: {", ".join(allowed)})')
                 continue
             if canonical in unused:
                 self.warn(pos, f'"{self.qual(canonical)}" is not used by this worker, ignored')
@@ -461,7 +467,7 @@ class _Section:
         def check(value: Any, key: str) -> str:
             value = self.string(value, key)
             if value not in choices:
-                raise self.error(key, f'unknown value "{value}" (expected one of: {", ".join(choices)})')
+                raise self.error(key, f'unknown value {quoted(value)} (expected one of: {", ".join(choices)})')
             return value
 
         return check
@@ -507,7 +513,7 @@ def _decode_log(top: _Section) -> LogSettings:
     chosen: tuple[str, str | None] | None = None
     for level, value, pos in entries:
         if level not in LOG_LEVELS:
-            raise config_error(pos, f'log: unknown level "{level}" (expected one of: {", ".join(LOG_LEVELS)})')
+            raise config_error(pos, f'log: unknown level {quoted(level)} (expected one of: {", ".join(LOG_LEVELS)})')
         if isinstance(value, Mapping) and not value:
             file = None  # `log debug` alone: standard error
         elif isinstance(value, str):
@@ -525,7 +531,7 @@ def _decode_providers(top: _Section) -> dict[str, ProviderSettings]:
     providers: dict[str, ProviderSettings] = {}
     for name, value, pos in top.group("provider", 'provider github { endpoint "https://api.github.com" }'):
         if name not in PROVIDERS:
-            raise config_error(pos, f'provider: unknown provider "{name}" (expected one of: {", ".join(PROVIDERS)})')
+            raise config_error(pos, f'provider: unknown provider {quoted(name)} (expected one of: {", ".join(PROVIDERS)})')
         sec = top.labelled_block("provider", name, value, pos)
         sec.check_keys(("endpoint", "oauth2_endpoint", "secret", "client_id", "client_secret"))
         providers[name] = ProviderSettings(
@@ -606,7 +612,7 @@ def _decode_stores(top: _Section) -> dict[str, StoreSettings]:
     stores: dict[str, StoreSettings] = {}
     for name, value, pos in top.group("store", 'store artifacts { type "file" path "/var/lib/djinn/artifacts" }'):
         if name not in STORES:
-            top.warn(pos, f'unknown store "{name}" ignored (known stores: {", ".join(STORES)})')
+            top.warn(pos, f'unknown store {quoted(name)} ignored (known stores: {", ".join(STORES)})')
             continue
         sec = top.labelled_block("store", name, value, pos)
         sec.check_keys(("type", "path", "limit"), unused=("name",))
@@ -735,7 +741,7 @@ def decode_driver(values: Mapping[str, Any], source: str = "<config>") -> Driver
     for label, value, pos in top.group("driver", 'driver docker { host "unix:///var/run/docker.sock" }'):
         name = label.lower()  # upstream matches driver names like keys, case-insensitively
         if name not in _DRIVER_DECODERS:
-            top.warn(pos, f'unknown driver "{label}" ignored (known drivers: {", ".join(DRIVERS)})')
+            top.warn(pos, f'unknown driver {quoted(label)} ignored (known drivers: {", ".join(DRIVERS)})')
             continue
         found[name] = _DRIVER_DECODERS[name](top.labelled_block("driver", name, value, pos))
     return DriverConfig(source=source, warnings=tuple(warnings), **found)
