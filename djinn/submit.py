@@ -85,6 +85,10 @@ def get_or_create_user(session: Session, username: str, email: str | None = None
     return user
 
 
+#: The Djinn server makes namespaces at most this many levels deep (its namespace.MaxDepth).
+NAMESPACE_MAX_DEPTH = 20
+
+
 def _namespace(session: Session, user: User, path: str) -> Namespace:
     """The namespace `path` (or `path@owner`), created for the owner when new, as the server lays namespaces out.
 
@@ -92,6 +96,8 @@ def _namespace(session: Session, user: User, path: str) -> Namespace:
     and visibility, one level deeper.
     """
     path, _, owner_name = path.partition("@")
+    if len(path.split("/")) > NAMESPACE_MAX_DEPTH:
+        raise SubmitError(f"namespace {path[:60]}...: nested more than {NAMESPACE_MAX_DEPTH} deep (the Djinn server's limit)")
     owner = user if not owner_name else session.scalar(select(User).where(User.username == owner_name))
     if owner is None:
         raise SubmitError(f"namespace {path}@{owner_name}: no user named {owner_name!r}")

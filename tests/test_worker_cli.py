@@ -149,7 +149,7 @@ def test_kill_names_the_build_not_listeners(worker_env):
         "env-not-utf8",
         "secret-not-utf8",
         "surrogate-escape-in-command",
-        "namespace-too-long",
+        "namespace-too-deep",
         "user-too-long",
         "email-too-long",
         "key-name-with-path",
@@ -181,9 +181,9 @@ def test_bad_submit_input_is_one_line_exit_2_and_writes_nothing(worker_env, tmp_
     elif case == "surrogate-escape-in-command":
         manifest.write_text('driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ["echo \\ud800"]}\n')
         expect = f"{manifest}:"
-    elif case == "namespace-too-long":
-        manifest.write_text("namespace: " + "n" * 200 + "\n" + QUEUED)
-        expect = f"{manifest}:"
+    elif case == "namespace-too-deep":
+        manifest.write_text("namespace: " + "/".join(["n"] * 21) + "\n" + QUEUED)
+        expect = "namespace n/n/n"
     elif case == "user-too-long":
         args += ["-user", "u" * 65]
         expect = "-user must be 1 to 64 characters"
