@@ -343,6 +343,26 @@ def push_build(client: redis.Redis, queue: str, build_id: int, host: str = "") -
     return job.id
 
 
+def pending_builds(client: redis.Redis, queue: str) -> set[int]:
+    """Builds with a curlyq job on `queue` not yet acknowledged nor dead: waiting, in flight or scheduled.
+
+    The reconciliation of queued builds (djinn.reaper) counts these as queued in the
+    broker: a Go worker's in-flight job is its to run, and a dead consumer's is
+    re-enqueued by a custodian.
+    """
+    keys = QueueKeys(queue)
+    dead = set(client.zrange(keys.dead, 0, -1))
+    found: set[int] = set()
+    for job_id, raw in client.hscan_iter(keys.data, count=500):
+        if job_id in dead:
+            continue
+        try:
+            found.add(decode_payload(Job.unpack(raw).data).build_id)
+        except (DeadJob, GobError):
+            continue
+    return found
+
+
 def backoff(attempt: int, limit: float) -> float:
     """curlyq's delay after `attempt` failures: 2^attempt/2 seconds, jittered by up to 2x, capped."""
     return min(limit, (1 + random.random()) * (2 ** min(attempt, 32)) / 2)

@@ -41,6 +41,7 @@ from typing import Iterable, Iterator
 from sqlalchemy import func, select
 
 from djinn.context import WorkerContext
+from djinn.curlyq import pending_builds
 from djinn.db import is_unavailable, transaction
 from djinn.execute import remove_artifact_files
 from djinn.kill import redis_client
@@ -122,10 +123,11 @@ def _recently_delivered(client, within: float) -> Iterator[int]:
 
 
 def in_broker(client, queues: Iterable[str], delivered_within: float) -> set[int]:
-    """Ids of the builds that have a message waiting in `queues` or recently delivered."""
+    """Ids of the builds that have a message waiting in `queues` (Celery's or curlyq's) or recently delivered."""
     present: set[int] = set()
     for queue in queues:
         present.update(_waiting(client, queue))
+        present.update(pending_builds(client, queue))  # the Djinn server's own queue beside Celery's
     present.update(_recently_delivered(client, delivered_within))
     return present
 
