@@ -5,7 +5,11 @@ from __future__ import annotations
 # Fixture modules: registered once here so a session fixture (a server) starts once.
 pytest_plugins = ["worker_support", "sshd_support", "docker_support", "qemu_support", "notify_support"]
 
+import fcntl
+import tempfile
 import threading
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -13,13 +17,35 @@ import pytest
 # worker's start-up sweep removes every djinn container of builds its own database
 # does not know: under pytest-xdist (scripts/test runs two processes) they all run in
 # one process, one at a time. Everything else owns its servers and may run beside them.
+DOCKER_ENGINE = "docker-engine"
 DOCKER_ENGINE_MODULES = {"test_docker_driver", "test_drivers_worker", "test_djinn_server", "test_metrics", "test_shutdown"}
+# Held by each test of the group while it runs: should the scheduler ever spread the
+# group (pytest-xdist's loadgroup once did, silently, under a newer pytest), its tests
+# still take turns on the engine instead of sweeping each other's containers.
+DOCKER_ENGINE_LOCK = Path(tempfile.gettempdir()) / "djinn-tests-docker-engine.lock"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the group
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "docker_api" in getattr(item, "fixturenames", ()) or item.module.__name__ in DOCKER_ENGINE_MODULES:
-            item.add_marker(pytest.mark.xdist_group("docker-engine"))
+            item.add_marker(pytest.mark.xdist_group(DOCKER_ENGINE))
+
+
+@pytest.fixture(autouse=True)
+def _docker_engine_turn(request) -> Iterator[None]:
+    """An autouse fixture is set up first and torn down last: the turn covers the test's workers."""
+    marker = request.node.get_closest_marker("xdist_group")
+    if marker is None or DOCKER_ENGINE not in marker.args:
+        yield
+        return
+    with open(DOCKER_ENGINE_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
 
 from djinn.plan import JobPlan
 from djinn.runner import Reporter
