@@ -5,7 +5,7 @@ driver config by DJINN_DRIVER_CONFIG (default djinn-driver.conf). Installed as a
 top-level module so Celery finds it from any directory.
 """
 
-from djinn.queue import celery_settings, config_paths
 from djinn.config import load_worker_config
+from djinn.worker.queue import celery_settings, config_paths
 
 globals().update(celery_settings(load_worker_config(config_paths()[0])))

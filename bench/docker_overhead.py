@@ -26,7 +26,7 @@ from pathlib import Path
 from djinn.drivers import make_driver
 from djinn.manifest import parse_manifest
 from djinn.plan import plan_build
-from djinn.runner import Reporter, Runner
+from djinn.runner.engine import Reporter, Runner
 from djinn.status import Status
 
 ROOT = Path(__file__).resolve().parent.parent

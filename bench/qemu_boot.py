@@ -26,7 +26,7 @@ from pathlib import Path
 import paramiko
 
 from djinn.drivers.qemu import QEMUDriver, kvm_usable
-from djinn.output import job_script
+from djinn.runner.output import job_script
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "djinn-test"

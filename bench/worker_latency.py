@@ -111,11 +111,11 @@ def main() -> None:
         # The djinn side: submissions through the Python API, completion read from the rows.
         from sqlalchemy import select
 
-        from djinn.context import WorkerContext
-        from djinn.models import Build
-        from djinn.queue import enqueue
-        from djinn.recorder import FINISHED_CHANNEL
-        from djinn.submit import submit
+        from djinn.db.models import Build
+        from djinn.db.recorder import FINISHED_CHANNEL
+        from djinn.db.submit import submit
+        from djinn.worker.context import WorkerContext
+        from djinn.worker.queue import enqueue
 
         out = work / "djinn.out"
         proc = subprocess.Popen(

@@ -1,9 +1,10 @@
 """djinn: the Python build worker for Djinn CI.
 
-The path of a build through the package: manifest -> plan -> submit (rows in
-PostgreSQL) -> tasks (Celery) -> execute -> runner -> drivers -> store.
+The path of a build through the package: manifest -> plan -> db.submit (rows
+in PostgreSQL) -> tasks (Celery) -> worker.execute -> runner -> drivers ->
+runner.store, with db.recorder writing the run's progress back.
 
-`celery -A djinn worker` finds the Celery app here as `djinn.app` (djinn.queue
+`celery -A djinn worker` finds the Celery app here as `djinn.app` (djinn.worker.queue
 makes it); it is made on first use so the offline runner never loads Celery.
 """
 
@@ -20,7 +21,7 @@ def __getattr__(name: str) -> Any:
     global _app
     if name in ("app", "celery"):
         if _app is None:
-            from djinn.queue import make_app
+            from djinn.worker.queue import make_app
 
             _app = make_app()
         return _app

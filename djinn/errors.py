@@ -23,3 +23,7 @@ class ManifestError(DjinnError):
 
 class DriverError(DjinnError):
     """A driver could not create, use or tear down its build environment."""
+
+
+class DatabaseError(DjinnError):
+    """PostgreSQL cannot be reached or refused what the worker asked."""

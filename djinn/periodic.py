@@ -12,13 +12,21 @@ log = logging.getLogger(__name__)
 class Periodic:
     """Calls `action` every `interval` seconds; an exception is logged and the next pass tries again.
 
-    `action` returning False ends the thread (a heartbeat that lost its lease).
+    `action` returning False ends the thread (a heartbeat that lost its lease);
+    `on_error` hears of each failed pass (the worker counts them in its metrics).
     """
 
-    def __init__(self, name: str, interval: float, action: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        name: str,
+        interval: float,
+        action: Callable[[], object],
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
         self.name = name
         self.interval = interval
         self.action = action
+        self.on_error = on_error
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -38,6 +46,5 @@ class Periodic:
                     return
             except Exception as exc:  # broker or database away: the next pass tries again
                 log.warning("%s: %s", self.name, exc)
-                from djinn import metrics
-
-                metrics.error(exc)
+                if self.on_error is not None:
+                    self.on_error(exc)

@@ -20,6 +20,11 @@ class JobPlan:
     commands: tuple[str, ...]
     artifacts: tuple[Passthrough, ...] = ()
 
+    @property
+    def key(self) -> tuple[str, str]:
+        """Names a job within its build: what the reporters key their rows and timings by."""
+        return (self.stage, self.name)
+
 
 @dataclass(frozen=True)
 class StagePlan:

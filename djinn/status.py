@@ -43,6 +43,11 @@ class Status(str, enum.Enum):
         return self.rank >= Status.PASSED.rank
 
     @property
+    def is_failure(self) -> bool:
+        """Failed, killed or timed out: the outcomes people are mailed about (SPEC section 6)."""
+        return self in (Status.FAILED, Status.KILLED, Status.TIMED_OUT)
+
+    @property
     def ok(self) -> bool:
         """Whether a build ending in this status counts as a success (exit 0)."""
         return self in (Status.PASSED, Status.PASSED_WITH_FAILURES)

@@ -48,7 +48,7 @@ def _docker_engine_turn(request) -> Iterator[None]:
 
 
 from djinn.plan import JobPlan
-from djinn.runner import Reporter
+from djinn.runner.engine import Reporter
 from djinn.status import Status
 
 

@@ -11,13 +11,13 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Iterator
 
 import docker
 import pytest
 import requests
+from waiting import wait_for  # noqa: F401  (tests import it from here too)
 
 from djinn.drivers.docker import BUILD_LABEL, WORKER_LABEL
 
@@ -54,13 +54,6 @@ def labelled(api: docker.APIClient, build: str | None = None, worker: str | None
 NOTHING = {"containers": [], "volumes": []}
 
 
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    """Poll until `predicate()` is true; fails the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _free_port() -> int:

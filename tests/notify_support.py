@@ -34,9 +34,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from sqlalchemy import create_engine, text
-
 from services import free_port
+from sqlalchemy import create_engine, text
 
 # The crypto block of WorkerEnv.write_config: secrets the tests store must decrypt in the worker.
 CRYPTO_BLOCK = "0123456789abcdef0123456789abcdef"
@@ -365,13 +364,13 @@ def add_collaborator(env, namespace_id: int, user_id: int) -> int:
 
 
 def submit_build(env, manifest: str, *, username: str, email: str | None = None, trigger=None, secrets: dict | None = None) -> int:
-    """Submit through djinn.submit (as a Djinn server would), queued on the test's Redis."""
+    """Submit through djinn.db.submit (as a Djinn server would), queued on the test's Redis."""
     from celery import Celery
 
-    from djinn.db import sessions
-    from djinn.queue import RUN_BUILD
-    from djinn.runner import Variable
-    from djinn.submit import submit
+    from djinn.db.engine import sessions
+    from djinn.db.submit import submit
+    from djinn.runner.engine import Variable
+    from djinn.worker.queue import RUN_BUILD
 
     engine = create_engine(env.url)
     app = Celery(broker=env.redis.url)

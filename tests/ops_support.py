@@ -5,22 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from typing import Callable
 
-
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition", interval: float = 0.1):
-    """Poll until `predicate()` is truthy and return its value; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+from waiting import wait_for  # noqa: F401  (tests import it from here too)
 
 
 def job_status(env, build_id: int, job: str) -> str | None:

@@ -11,11 +11,11 @@ import hashlib
 import os
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from waiting import wait_for  # noqa: F401  (tests import it from here too)
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_NAME = "djinn-test"
@@ -100,10 +100,3 @@ def listening(port: int | None) -> bool:
         return False
 
 
-def wait_for(predicate, timeout: float, what) -> None:
-    """Poll until `predicate()` is true; fails the test after `timeout` seconds (`what` may be a callable)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what() if callable(what) else what}")
-        time.sleep(0.05)

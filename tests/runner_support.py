@@ -8,8 +8,8 @@ from typing import Callable
 from djinn.drivers.base import Driver
 from djinn.manifest import Manifest, parse_manifest
 from djinn.plan import plan_build
-from djinn.runner import Runner, Variable
-from djinn.store import DirectoryArtifacts, DirectoryObjects
+from djinn.runner.engine import Runner, Variable
+from djinn.runner.store import DirectoryArtifacts, DirectoryObjects
 
 
 def runner_for(manifest: str, driver_for: Callable[[Manifest], Driver], reporter, tmp_path: Path, **kwargs) -> tuple[Runner, Driver]:

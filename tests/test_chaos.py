@@ -16,12 +16,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from waiting import wait_for
 
 from djinn.config import DriverConfig, load_worker_config
-from djinn.context import WorkerContext
-from djinn.queue import enqueue
-from djinn.runner import Variable
-from djinn.submit import submit
+from djinn.db.submit import submit
+from djinn.runner.engine import Variable
+from djinn.worker.context import WorkerContext
+from djinn.worker.queue import enqueue
 
 FINAL = ("passed", "passed_with_failures", "failed", "killed", "timed_out")
 
@@ -80,14 +81,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 def context_for(worker_env) -> WorkerContext:
@@ -169,7 +162,7 @@ jobs:
 def test_build_delivered_while_postgres_is_down_runs_once_it_is_back(worker_env, postgres, redis_server):
     import redis
 
-    from djinn.reaper import in_broker
+    from djinn.worker.reaper import in_broker
 
     worker_env.start_worker()
     ctx = context_for(worker_env)
@@ -219,7 +212,7 @@ def _take_and_die(redis_url: str) -> None:
 def test_queued_builds_survive_redis_lost_and_a_backlog_gets_no_duplicates(worker_env, redis_server):
     import redis
 
-    from djinn.reaper import reconcile
+    from djinn.worker.reaper import reconcile
 
     def waiting() -> int:
         client = redis.Redis(host="127.0.0.1", port=redis_server.port)  # a new one: Redis restarts below
@@ -256,7 +249,7 @@ def test_queued_builds_survive_redis_lost_and_a_backlog_gets_no_duplicates(worke
         _take_and_die(redis_server.url)
         assert waiting() == 3
         assert reconcile(ctx) == []  # delivered moments ago: its consumer may still claim it
-        wait_for(lambda: reconcile(ctx), 30, "the dead consumer's build is queued again", poll=0.5)
+        wait_for(lambda: reconcile(ctx), 30, "the dead consumer's build is queued again", interval=0.5)
         assert waiting() == 4
     finally:
         ctx.close()
@@ -331,7 +324,7 @@ class Chaos:
 
     def submitter(self, ctx: WorkerContext, numbers: range, until: float) -> None:
         """Submit builds `numbers` spread until `until`."""
-        for left, i in zip(range(len(numbers), 0, -1), numbers):
+        for left, i in zip(range(len(numbers), 0, -1), numbers, strict=True):
             due = time.monotonic() + (until - time.monotonic()) / left
             self.submit_one(ctx, i)
             time.sleep(max(due - time.monotonic(), 0))
@@ -395,10 +388,10 @@ def test_chaos_kills_and_restarts_lose_nothing_and_run_nothing_twice(worker_env,
             return rows[0][0] == 0
 
         try:
-            wait_for(all_final, 120, "every build final", poll=1)
+            wait_for(all_final, 120, "every build final", interval=1)
         except AssertionError:
             stuck = worker_env.sql("SELECT id, status, attempt, worker FROM builds WHERE status IN ('queued', 'running')")
-            raise AssertionError(f"builds lost (seed {seed}): {stuck}\n{chaos.events}\n{worker_env.log_tail(80)}")
+            raise AssertionError(f"builds lost (seed {seed}): {stuck}\n{chaos.events}\n{worker_env.log_tail(80)}") from None
     finally:
         ctx.close()
 
@@ -413,7 +406,7 @@ def test_chaos_kills_and_restarts_lose_nothing_and_run_nothing_twice(worker_env,
             runs.setdefault(run, {"ppid": int(ppid)})[kind] = float(at)
         order = sorted(runs.values(), key=lambda r: r["start"])
         # Never two runs at once: each earlier run ended (or its tree was killed) before the next started.
-        for earlier, later in zip(order, order[1:]):
+        for earlier, later in zip(order, order[1:], strict=False):
             ended = earlier.get("end") or min((k.at for k in chaos.kills if earlier["ppid"] in k.pids), default=None)
             if ended is None or ended >= later["start"]:
                 problems.append(f"build {build_id}: runs overlap: {order}")

@@ -19,8 +19,9 @@ import msgpack
 import pytest
 import redis
 from sqlalchemy import create_engine
+from waiting import wait_for
 
-from djinn.curlyq import (
+from djinn.worker.curlyq import (
     Consumer,
     DeadJob,
     Job,
@@ -30,20 +31,12 @@ from djinn.curlyq import (
     push_build,
     push_job,
 )
-from djinn.gob import GobError, Payload, decode_payload, encode_payload
+from djinn.worker.gob import GobError, Payload, decode_payload, encode_payload
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "curlyq" / "payloads.json").read_text())
 QUEUE = "builds_os"
 
 
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached after {timeout}s")
 
 
 # -- wire formats ----------------------------------------------------------------------
@@ -194,11 +187,11 @@ def test_consumer_takes_acks_and_heartbeats(client, consumers):
     go_job = Job(str(uuid.uuid4()), encode_payload("https://h", 3))
     go_push_v040(client, QUEUE, go_job)  # no signal: found by polling
     consumer = consumers(recorder)
-    wait_for(lambda: len(recorder.jobs) == 3, what="three jobs handled")
+    wait_for(lambda: len(recorder.jobs) == 3, timeout=60, what="three jobs handled")
     assert recorder.ids() == [*pushed, go_job.id]  # in queue order
     assert [decode_payload(j.data).build_id for j in recorder.jobs] == [1, 2, 3]
     keys = QueueKeys(QUEUE)
-    wait_for(lambda: client.hlen(keys.data) == 0, what="data hash emptied")
+    wait_for(lambda: client.hlen(keys.data) == 0, timeout=60, what="data hash emptied")
     assert client.llen(keys.active) == 0
     assert client.scard(consumer.member) == 0
     score = client.zscore(keys.consumers, consumer.member)
@@ -216,8 +209,8 @@ def test_broken_jobs_go_to_the_dead_set_and_the_consumer_keeps_going(client, con
     recorder.fail["bad-gob"] = [DeadJob("not a payload")]
     good = push_build(client, QUEUE, 5, "")
     consumers(recorder)
-    wait_for(lambda: good in recorder.ids(), what="the good job handled")
-    wait_for(lambda: client.zcard(keys.dead) == 3, what="three dead jobs")
+    wait_for(lambda: good in recorder.ids(), timeout=60, what="the good job handled")
+    wait_for(lambda: client.zcard(keys.dead) == 3, timeout=60, what="three dead jobs")
     dead = dict(client.zrange(keys.dead, 0, -1, withscores=True))
     assert set(dead) == {b"garbage", b"bad-gob", b"no-data"}
     assert all(abs(score - time.time()) < 60 for score in dead.values())
@@ -240,9 +233,9 @@ def test_stale_consumers_jobs_are_reenqueued_live_ones_left_alone(client, consum
         client.hset(keys.data, job.id, job.pack())
     recorder = Recorder()
     consumer = consumers(recorder)
-    wait_for(lambda: recorder.jobs, what="the orphaned job handled")
+    wait_for(lambda: recorder.jobs, timeout=60, what="the orphaned job handled")
     assert recorder.jobs == [orphan]  # Attempt unchanged by the re-enqueue
-    wait_for(lambda: not client.hexists(keys.data, orphan.id), what="the orphan acknowledged")
+    wait_for(lambda: not client.hexists(keys.data, orphan.id), timeout=60, what="the orphan acknowledged")
     assert client.zscore(keys.consumers, dead_member) is None and not client.exists(dead_member)
     for member, job in ((slow_member, slow_job), (live_member, live_job)):
         assert client.zscore(keys.consumers, member) is not None
@@ -261,7 +254,7 @@ def test_failed_hand_over_is_retried_via_the_scheduled_set(client, consumers):
     consumers(recorder, scheduler_interval=0.2)
     wait_for(lambda: len(recorder.jobs) == 2, timeout=30, what="the retry")
     assert [j.attempt for j in recorder.jobs] == [0, 1]
-    wait_for(lambda: not client.hexists(keys.data, job_id), what="the retry acknowledged")
+    wait_for(lambda: not client.hexists(keys.data, job_id), timeout=60, what="the retry acknowledged")
     assert client.zcard(keys.scheduled) == 0 and client.zcard(keys.dead) == 0
 
 
@@ -273,7 +266,7 @@ def test_scheduled_jobs_left_by_go_workers_are_run_when_due(client, consumers):
         client.zadd(keys.scheduled, {job.id: at})
     recorder = Recorder()
     consumers(recorder, scheduler_interval=0.2)
-    wait_for(lambda: recorder.jobs, what="the due job")
+    wait_for(lambda: recorder.jobs, timeout=60, what="the due job")
     assert recorder.jobs == [due]
     assert client.zrange(keys.scheduled, 0, -1) == [b"later"]
 
@@ -281,26 +274,26 @@ def test_scheduled_jobs_left_by_go_workers_are_run_when_due(client, consumers):
 def test_stop_leaves_the_consumers_set(client, consumers):
     consumer = consumers(Recorder())
     keys = QueueKeys(QUEUE)
-    wait_for(lambda: client.zscore(keys.consumers, consumer.member) is not None, what="registration")
+    wait_for(lambda: client.zscore(keys.consumers, consumer.member) is not None, timeout=60, what="registration")
     consumer.stop()
     assert not consumer.running
     assert client.zscore(keys.consumers, consumer.member) is None
 
 
 def test_consumer_survives_redis_going_away(redis_server, client, consumers, caplog):
-    caplog.set_level(logging.WARNING, logger="djinn.curlyq")
+    caplog.set_level(logging.WARNING, logger="djinn.worker.curlyq")
     recorder = Recorder()
     consumer = consumers(recorder, heartbeat_interval=0.5)
     first = push_build(client, QUEUE, 1, "")
-    wait_for(lambda: recorder.ids() == [first], what="the first job")
+    wait_for(lambda: recorder.ids() == [first], timeout=60, what="the first job")
     redis_server.stop()
-    wait_for(lambda: any("failed" in r.getMessage() for r in caplog.records), what="a logged Redis failure")
+    wait_for(lambda: any("failed" in r.getMessage() for r in caplog.records), timeout=60, what="a logged Redis failure")
     time.sleep(1)
     redis_server.start()  # empty: the consumer must register again before taking jobs
     assert consumer.running
-    second = wait_for(lambda: _try_push(client), what="Redis back")
+    second = wait_for(lambda: _try_push(client), timeout=60, what="Redis back")
     wait_for(lambda: second in recorder.ids(), timeout=60, what="the job pushed after the restart")
-    wait_for(lambda: client.zscore(QueueKeys(QUEUE).consumers, consumer.member) is not None, what="re-registration")
+    wait_for(lambda: client.zscore(QueueKeys(QUEUE).consumers, consumer.member) is not None, timeout=60, what="re-registration")
 
 
 def _try_push(client):
@@ -335,8 +328,8 @@ jobs:
 def server_submit(env, manifest: str, *, host: str = "https://djinn.example.org", username: str = "alice",
                   email: str | None = None, push: bool = True) -> tuple[int, str | None]:
     """Write a build's rows, then queue it as the Djinn server does (curlyq v0.4.0 producer, gob payload)."""
-    from djinn.db import sessions
-    from djinn.submit import submit
+    from djinn.db.engine import sessions
+    from djinn.db.submit import submit
 
     client = redis.Redis.from_url(env.redis.url)
     pushed: list[str] = []
@@ -375,8 +368,8 @@ def test_worker_runs_server_jobs_once_and_dead_letters_broken_ones(worker_env):
     build_id, job_id = server_submit(worker_env, PASSING)
     worker_env.start_worker()
     assert worker_env.wait_status(build_id)["status"] == "passed"
-    wait_for(lambda: acknowledged(client, job_id), what="the job acknowledged")
-    wait_for(lambda: client.zcard(keys.dead) == 3, what="three dead jobs")
+    wait_for(lambda: acknowledged(client, job_id), timeout=60, what="the job acknowledged")
+    wait_for(lambda: client.zcard(keys.dead) == 3, timeout=60, what="three dead jobs")
     assert {m for m in client.zrange(keys.dead, 0, -1)} == {b"not-msgpack", b"not-gob", b"no-build"}
     ((attempt, started),) = worker_env.sql("SELECT attempt, started_at FROM builds WHERE id = :id", id=build_id)
     assert attempt == 1
@@ -388,7 +381,7 @@ def test_worker_runs_server_jobs_once_and_dead_letters_broken_ones(worker_env):
     # hand-over and ack): acknowledged, not run again.
     again = Job(str(uuid.uuid4()), encode_payload("https://h", build_id))
     go_push_v040(client, QUEUE, again)
-    wait_for(lambda: acknowledged(client, again.id), what="the repeated job acknowledged")
+    wait_for(lambda: acknowledged(client, again.id), timeout=60, what="the repeated job acknowledged")
     time.sleep(2)
     assert worker_env.sql("SELECT attempt, started_at FROM builds WHERE id = :id", id=build_id) == [(attempt, started)]
     # Celery's own queue still works beside it.
@@ -412,7 +405,7 @@ def test_worker_takes_over_a_dead_go_workers_job_and_leaves_a_live_ones(worker_e
         client.hset(keys.data, job.id, job.pack())
     worker_env.start_worker()
     assert worker_env.wait_status(orphaned_build)["status"] == "passed"
-    wait_for(lambda: acknowledged(client, orphan.id), what="the orphan acknowledged")
+    wait_for(lambda: acknowledged(client, orphan.id), timeout=60, what="the orphan acknowledged")
     assert client.zscore(keys.consumers, dead_member) is None
     assert worker_env.sql("SELECT attempt FROM builds WHERE id = :id", id=orphaned_build) == [(1,)]
     time.sleep(3)
@@ -445,5 +438,5 @@ def test_a_stale_member_that_names_no_set_does_not_block_the_custodian(client, c
     client.hset(keys.data, orphan.id, orphan.pack())
     recorder = Recorder()
     consumers(recorder)
-    wait_for(lambda: recorder.jobs == [orphan], what="the orphan behind a bad member")
+    wait_for(lambda: recorder.jobs == [orphan], timeout=60, what="the orphan behind a bad member")
     assert client.zscore(keys.consumers, "not-a-set") is None and client.get("not-a-set") == b"x"

@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from djinn import db
 from djinn.config.settings import DatabaseSettings
+from djinn.db import engine as db
 
 _names = itertools.count(1)
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from ops_support import main_signal, processes_with, wait_exit, wait_for, wait_job_running
 from worker_support import WORKER
 

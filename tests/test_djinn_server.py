@@ -25,10 +25,9 @@ from pathlib import Path
 import pytest
 import redis
 from sqlalchemy import create_engine, text
-
 from worker_support import WorkerEnv, _databases
 
-from djinn.migrate import head
+from djinn.db.migrate import head
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SERVER_SCHEMA = (FIXTURES / "upstream_schema.sql").read_text()
@@ -90,9 +89,9 @@ def schema_of(url: str) -> dict:
 
 
 def test_migrate_on_an_empty_database_creates_the_server_schema(postgres):
-    from djinn import db
     from djinn.config.settings import DatabaseSettings
-    from djinn.migrate import upgrade
+    from djinn.db import engine as db
+    from djinn.db.migrate import upgrade
 
     server = schema_of(postgres.url(_new_database(postgres, SERVER_SCHEMA)))
     name = _new_database(postgres)
@@ -283,8 +282,8 @@ GO_JOBS = {c["build_id"]: c for c in json.loads((FIXTURES / "curlyq" / "payloads
 
 def enqueue(env, build_id: int, queue: str = "builds_docker") -> str:
     """Queue the build as the Djinn server does: a curlyq job (data hash + active list, no signal, as curlyq v0.4.0)."""
-    from djinn.curlyq import Job, QueueKeys
-    from djinn.gob import encode_payload
+    from djinn.worker.curlyq import Job, QueueKeys
+    from djinn.worker.gob import encode_payload
 
     go = GO_JOBS.get(build_id)
     if go is not None:
@@ -304,7 +303,7 @@ def enqueue(env, build_id: int, queue: str = "builds_docker") -> str:
 
 def assert_acknowledged(env, job_id: str, queue: str = "builds_docker") -> None:
     """The consumer settled the job: gone from the data hash, the active list and every in-flight set."""
-    from djinn.curlyq import QueueKeys
+    from djinn.worker.curlyq import QueueKeys
 
     keys = QueueKeys(queue)
     client = redis.Redis.from_url(env.redis.url)
@@ -454,11 +453,11 @@ def test_a_failing_and_a_killed_server_build_end_as_they_should(docker_server_en
 def test_a_qemu_build_uses_its_users_own_image_before_the_base_images(server_env):
     from types import SimpleNamespace
 
-    from djinn import db
     from djinn.config.settings import DatabaseSettings
+    from djinn.db import engine as db
     from djinn.drivers.qemu import QEMUDriver, user_image_path
     from djinn.errors import DriverError
-    from djinn.execute import decode_build, fetch_build
+    from djinn.worker.execute import decode_build, fetch_build
 
     env = server_env
     env.cli("migrate")

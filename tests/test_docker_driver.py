@@ -20,17 +20,15 @@ from pathlib import Path
 
 import docker
 import pytest
-
+from docker_support import IMAGE, NOTHING, labelled, wait_for
 from runner_support import SECRET_COMMANDS, SECRET_PIECES, SECRET_VALUE, assert_no_secret, runner_for
 
 from djinn.drivers import make_driver
 from djinn.drivers.docker import DockerDriver, sweep
 from djinn.errors import DriverError
 from djinn.paths import PathEscapeError
-from djinn.runner import Key, Runner, Variable
+from djinn.runner.engine import Key, Runner, Variable
 from djinn.status import Status
-
-from docker_support import IMAGE, NOTHING, labelled, wait_for
 
 DJINN = shutil.which("djinn", path=os.path.dirname(sys.executable)) or "djinn"
 WORKER = "pytest-docker"

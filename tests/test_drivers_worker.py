@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 
 import docker
-
 from docker_support import IMAGE, NOTHING, labelled, wait_for
 
 TWO_JOBS = """

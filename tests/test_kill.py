@@ -8,7 +8,7 @@ import time
 import redis
 
 from djinn.config import RedisSettings
-from djinn.kill import _Hub, channel_build_id
+from djinn.worker.kill import _Hub, channel_build_id
 
 SLEEPY = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo started', 'sleep 60']}\n"
 QUICK = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo quick']}\n"

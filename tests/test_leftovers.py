@@ -14,18 +14,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from djinn.drivers import leftovers, os as os_driver, qemu
+from waiting import wait_for
+
+from djinn.drivers import leftovers, qemu
+from djinn.drivers import os as os_driver
 
 LONG = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo started', 'sleep 120']}\n"
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} after {timeout}s")
 
 
 def alive(pid: int) -> bool:
@@ -73,7 +69,7 @@ def test_killed_worker_leaves_an_os_build_directory_the_next_worker_removes(work
     monkeypatch.setenv("TMPDIR", str(scratch))  # the workers' temporary directory: only this test's builds
     first = worker_env.start_worker(name="first")
     build_id = worker_env.submit(LONG)
-    wait_until(lambda: any(j["name"] == "a.1" and j["status"] == "running" for j in worker_env.status(build_id)["jobs"]),
+    wait_for(lambda: any(j["name"] == "a.1" and j["status"] == "running" for j in worker_env.status(build_id)["jobs"]),
                60, "the job did not start")
     (build_dir,) = scratch.glob("djinn-build-*")
     owner = leftovers.read_marker(build_dir)
@@ -85,20 +81,20 @@ def test_killed_worker_leaves_an_os_build_directory_the_next_worker_removes(work
     assert build_dir.exists()  # what the SIGKILL left (and perhaps the job, which runs in a session of its own)
 
     second = worker_env.start_worker(name="second")
-    wait_until(lambda: not build_dir.exists(), 60, f"{build_dir} is still there; log:\n{worker_env.log_tail()}")
-    wait_until(lambda: not any(alive(pid) for pid in jobs), 30, "the stale job still runs")
+    wait_for(lambda: not build_dir.exists(), 60, f"{build_dir} is still there; log:\n{worker_env.log_tail()}")
+    wait_for(lambda: not any(alive(pid) for pid in jobs), 30, "the stale job still runs")
     assert f"removed leftover build directory {build_dir} of build {build_id}" in (worker_env.root / "worker.log").read_text()
 
     # The rerun (the build was orphaned) gets a new directory, which the sweep of a third worker leaves alone.
     # The dead run's rows say running until the reaper resets them: wait for the second attempt's own directory.
-    wait_until(lambda: worker_env.sql("SELECT attempt FROM builds WHERE id = :b", b=build_id) == [(2,)]
+    wait_for(lambda: worker_env.sql("SELECT attempt FROM builds WHERE id = :b", b=build_id) == [(2,)]
                and len(list(scratch.glob("djinn-build-*"))) == 1, 90, "the build was not rerun")
     (rerun_dir,) = scratch.glob("djinn-build-*")
     worker_env.start_worker(name="third")
     assert rerun_dir.exists() and worker_env.status(build_id)["status"] == "running"
     worker_env.cli("kill", str(build_id))
     assert worker_env.wait_status(build_id, timeout=30)["status"] == "killed"
-    wait_until(lambda: not rerun_dir.exists(), 30, "the killed build's directory was not removed")
+    wait_for(lambda: not rerun_dir.exists(), 30, "the killed build's directory was not removed")
     assert second.poll() is None
 
 
@@ -189,19 +185,19 @@ def test_killed_qemu_worker_leaves_a_vm_directory_the_next_worker_removes(worker
                 return directory, owner
         return None
 
-    wait_until(vm_started, 120, f"no VM started; log:\n{worker_env.log_tail()}")
+    wait_for(vm_started, 120, f"no VM started; log:\n{worker_env.log_tail()}")
     vm_dir, owner = vm_started()
     assert owner["build_id"] == str(build_id) and alive(owner["vm_pid"])
     worker_env.kill_group(first)
     assert vm_dir.exists()  # QEMU's log and overlay directory: nothing ran destroy()
 
     worker_env.start_worker(name="second")
-    wait_until(lambda: not vm_dir.exists(), 60, f"{vm_dir} is still there; log:\n{worker_env.log_tail()}")
-    wait_until(lambda: not alive(owner["vm_pid"]), 30, "the VM of the killed worker still runs")
+    wait_for(lambda: not vm_dir.exists(), 60, f"{vm_dir} is still there; log:\n{worker_env.log_tail()}")
+    wait_for(lambda: not alive(owner["vm_pid"]), 30, "the VM of the killed worker still runs")
     assert f"removed leftover VM directory {vm_dir} of build {build_id}" in (worker_env.root / "worker.log").read_text()
     # The rerun: the reaper takes the dead run over, then a pool process claims it. A kill sent
     # before that process listens is missed, as upstream's would be: send it until it lands.
-    wait_until(lambda: worker_env.sql("SELECT attempt FROM builds WHERE id = :b", b=build_id) == [(2,)], 90,
+    wait_for(lambda: worker_env.sql("SELECT attempt FROM builds WHERE id = :b", b=build_id) == [(2,)], 90,
                f"the build was not rerun; log:\n{worker_env.log_tail()}")
     deadline = time.monotonic() + 120
     while worker_env.sql("SELECT status FROM builds WHERE id = :b", b=build_id) != [("killed",)]:

@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from docker_support import IMAGE
 from ops_support import health, http_get, main_signal, scrape, value, wait_exit, wait_for, wait_job_running
 from services import free_port
@@ -195,7 +194,7 @@ def test_script_and_driver_failures_have_their_own_reasons(worker_env, docker_ap
 
 
 def test_failure_reasons_of_every_final_status():
-    from djinn import metrics
+    from djinn.observe import metrics
 
     assert metrics.failure_reason("passed") == metrics.failure_reason("passed_with_failures") == "none"
     assert metrics.failure_reason("handed_back") == "none"
@@ -212,9 +211,9 @@ def test_error_kinds_of_exceptions():
     from kombu.exceptions import OperationalError as KombuOperationalError
     from sqlalchemy.exc import OperationalError
 
-    from djinn import metrics
-    from djinn.db import DatabaseError
+    from djinn.db.engine import DatabaseError
     from djinn.errors import DriverError
+    from djinn.observe import metrics
 
     assert metrics.error_kind(OperationalError("SELECT 1", {}, Exception("server closed the connection"))) == "database"
     assert metrics.error_kind(DatabaseError("cannot connect to PostgreSQL")) == "database"

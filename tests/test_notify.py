@@ -15,10 +15,6 @@ import ssl
 import time
 
 import pytest
-
-from djinn.config import SMTPSettings
-from djinn.notify import mail
-from djinn.notify.common import DEFAULT_HOST
 from notify_support import (
     add_collaborator,
     add_namespace,
@@ -27,6 +23,10 @@ from notify_support import (
     insert,
     submit_build,
 )
+
+from djinn.config import SMTPSettings
+from djinn.notify import mail
+from djinn.notify.common import DEFAULT_HOST
 
 FAILING = """
 namespace: team/app
@@ -342,9 +342,9 @@ def test_unexpected_worker_error_mails_the_admin_a_traceback(worker_env, smtp_se
 
 
 def test_runner_error_mails_the_admin(worker_env, smtp_servers):
-    """on_worker_error (djinn.execute calls it with runner.error) reaches `admin` through the worker."""
+    """on_worker_error (djinn.worker.execute calls it with runner.error) reaches `admin` through the worker."""
     from djinn import notify
-    from djinn.context import WorkerContext
+    from djinn.worker.context import WorkerContext
 
     smtp = smtp_servers()
     team(worker_env)
@@ -376,7 +376,7 @@ def provider_rows(env, provider: str, *, owner: int, token: str = "tok-provider"
 
 
 def pull_trigger(provider_id: int, repo_id: int, sha: str):
-    from djinn.submit import Trigger
+    from djinn.db.submit import Trigger
 
     return Trigger(type="pull", comment="Add frobnication", provider_id=provider_id, repo_id=repo_id,
                    data={"sha": sha, "ref": "feature", "action": "opened"})

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 DJINN = shutil.which("djinn", path=os.path.dirname(sys.executable)) or "djinn"
 
 
@@ -225,5 +224,5 @@ def test_unknown_manifest_keys_warn_and_the_build_runs(tmp_path):
     res = djinn(cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "ran-anyway" in res.stdout
-    (line,) = [l for l in res.stderr.splitlines() if "warning" in l]
+    (line,) = [text for text in res.stderr.splitlines() if "warning" in text]
     assert line.startswith("djinn: warning: ") and ".djinn.yml: line 2: build_timeout: unknown key" in line, res.stderr

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from djinn.output import MASK, Masker, shell_exports
+from djinn.drivers.environment import shell_exports
+from djinn.runner.output import MASK, Masker
 
 SHELLS = ["bash", "dash"]
 

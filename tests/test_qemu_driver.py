@@ -17,17 +17,17 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import RecordingReporter
+from qemu_support import QemuImage, listening, pid_alive, qemu_processes, sha256, wait_for
 
 import djinn.drivers.qemu as qemu_module
 from djinn.drivers.qemu import QEMUDriver
 from djinn.errors import DriverError
 from djinn.manifest import parse_manifest
 from djinn.plan import plan_build
-from djinn.runner import Runner, Variable
+from djinn.runner.engine import Runner, Variable
+from djinn.runner.store import DirectoryArtifacts, DirectoryObjects
 from djinn.status import Status
-from djinn.store import DirectoryArtifacts, DirectoryObjects
-from conftest import RecordingReporter
-from qemu_support import QemuImage, listening, pid_alive, qemu_processes, sha256, wait_for
 
 DJINN = shutil.which("djinn", path=str(Path(sys.executable).parent)) or "djinn"
 MEMORY = 512  # MiB: plenty for the test image, and two VMs at once stay small

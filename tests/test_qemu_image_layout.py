@@ -10,8 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from djinn.drivers.qemu import image_path
 from qemu_support import QemuImage, qemu_processes
+
+from djinn.drivers.qemu import image_path
 
 DJINN = shutil.which("djinn", path=str(Path(sys.executable).parent)) or "djinn"
 MEMORY = 512  # MiB

@@ -8,11 +8,11 @@ import time
 import pytest
 from sqlalchemy import create_engine
 
-from djinn.db import sessions as make_sessions
-from djinn.db import transaction
-from djinn.lease import claim
+from djinn.db.engine import sessions as make_sessions
+from djinn.db.engine import transaction
+from djinn.db.lease import claim
+from djinn.db.recorder import FINISHED_CHANNEL, DatabaseReporter
 from djinn.plan import JobPlan
-from djinn.recorder import FINISHED_CHANNEL, DatabaseReporter
 from djinn.status import Status
 
 MANIFEST = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['true']}\n"
@@ -27,7 +27,7 @@ def claimed(worker_env):
         lease = claim(session, build_id, "w1")
     ((job_row,),) = worker_env.sql("SELECT id FROM build_jobs WHERE build_id = :id AND name = 'a.1'", id=build_id)
     job = JobPlan("a", "a.1", ("true",))
-    reporter = DatabaseReporter(engine, build_id, {id(job): job_row})
+    reporter = DatabaseReporter(engine, build_id, {job.key: job_row})
     yield build_id, lease, reporter, job, engine
     engine.dispose()
 

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
 from pathlib import Path
 
-
-import json
-
 from runner_support import SECRET_COMMANDS, SECRET_VALUE, assert_no_secret, runner_for
 
 from djinn.drivers.os import OSDriver
 from djinn.manifest import parse_manifest
-from djinn.output import Masker
 from djinn.plan import plan_build
-from djinn.runner import Key, Runner, Variable
+from djinn.runner.engine import Key, Runner, Variable
+from djinn.runner.output import Masker
 from djinn.status import Status
 
 

@@ -10,7 +10,6 @@ import signal
 import time
 
 import pytest
-
 from ops_support import main_signal, processes_with, wait_exit, wait_for, wait_job_running
 
 DRAINS = """

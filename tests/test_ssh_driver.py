@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import io
+import json
 import os
 import shlex
 import shutil
@@ -22,17 +23,15 @@ from pathlib import Path
 
 import paramiko
 import pytest
-
-import json
-
 from runner_support import BASH_SECRET_COMMANDS, SECRET_COMMANDS, SECRET_PIECES, SECRET_VALUE, assert_no_secret, runner_for
+from sshd_support import SSHServer
+from waiting import wait_for
 
 from djinn.config import DriverConfig, SSHSettings
 from djinn.drivers.ssh import SSHDriver, parse_address, parse_timeout
 from djinn.errors import DriverError
-from djinn.runner import Key, Runner, Variable
+from djinn.runner.engine import Key, Runner, Variable
 from djinn.status import Status
-from sshd_support import SSHServer
 
 DJINN = shutil.which("djinn", path=os.path.dirname(sys.executable)) or "djinn"
 
@@ -58,13 +57,6 @@ def wait_dead(pid: int, within: float = 10.0) -> bool:
     return False
 
 
-def wait_for(predicate, within: float = 30.0) -> bool:
-    end = time.monotonic() + within
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def make_runner(manifest: str, reporter, tmp_path: Path, settings: dict, **kwargs) -> tuple[Runner, SSHDriver]:
@@ -265,7 +257,7 @@ def test_output_is_streamed_while_the_job_runs(sshd, tmp_path, reporter):
     thread.start()
     try:
         # The job waits for us: its first line can only be seen if output is streamed live.
-        assert wait_for(lambda: "\nready\n" in reporter.text("s.1")), reporter.output
+        wait_for(lambda: "\nready\n" in reporter.text("s.1"), 30, lambda: reporter.text("s.1"))
         assert "finished" not in reporter.text("s.1")
         (workspace / "go").touch()
     finally:
@@ -299,7 +291,7 @@ def test_kill_and_timeout_stop_the_remote_processes(sshd, tmp_path, reporter, ho
     result: list[Status] = []
     thread = threading.Thread(target=lambda: result.append(runner.run()))
     thread.start()
-    assert wait_for(lambda: "\nstarted\n" in reporter.text("s.1")), reporter.output
+    wait_for(lambda: "\nstarted\n" in reporter.text("s.1"), 30, lambda: reporter.text("s.1"))
     job_pid = int((workspace / "job.pid").read_text())
     bg_pid = int((workspace / "bg.pid").read_text())
     assert pid_alive(job_pid) and pid_alive(bg_pid)
@@ -377,7 +369,7 @@ def test_masked_value_never_shows_in_dash_or_bash_traces_nor_in_ps(sshd, tmp_pat
     thread = threading.Thread(target=lambda: result.append(runner.run()))
     thread.start()
     try:
-        assert wait_for(lambda: "\n+ sleep 300\n" in reporter.text("s.1"), 60), reporter.output
+        wait_for(lambda: "\n+ sleep 300\n" in reporter.text("s.1"), 60, lambda: reporter.text("s.1"))
         argv = _command_lines()
         assert "sleep 300" in argv  # the scan does see the job's processes
         for piece in SECRET_PIECES:

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from ops_support import wait_for, wait_job_running
 
 ROOT = Path(__file__).resolve().parent.parent

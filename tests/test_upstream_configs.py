@@ -18,7 +18,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from worker_support import WORKER
 
 FIXTURES = Path(__file__).parent / "fixtures" / "upstream_style"

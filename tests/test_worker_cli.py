@@ -10,7 +10,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-
 from services import free_port
 from worker_support import WORKER
 

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-
 from services import PostgresServer, RedisServer
+from sqlalchemy import create_engine, text
 
 BIN = os.path.dirname(sys.executable)
 WORKER = shutil.which("djinn-worker", path=BIN) or "djinn-worker"

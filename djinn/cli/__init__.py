@@ -43,7 +43,8 @@ class ArgumentParser(argparse.ArgumentParser):
 def version() -> str:
     """The installed package's version, else the source tree's."""
     try:
-        from importlib.metadata import PackageNotFoundError, version as package_version
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as package_version
 
         return package_version("djinn-worker")
     except (ImportError, PackageNotFoundError):

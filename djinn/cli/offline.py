@@ -20,9 +20,9 @@ from djinn.drivers import make_driver
 from djinn.errors import DjinnError
 from djinn.manifest import load_manifest
 from djinn.plan import JobPlan, plan_build
-from djinn.runner import DEFAULT_TIMEOUT, Reporter, Runner, Variable
+from djinn.runner.engine import DEFAULT_TIMEOUT, Reporter, Runner, Variable
+from djinn.runner.store import DirectoryArtifacts, DirectoryObjects
 from djinn.status import Status
-from djinn.store import DirectoryArtifacts, DirectoryObjects
 
 PROG = "djinn"
 

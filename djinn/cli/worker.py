@@ -16,6 +16,8 @@ Exit status: 0 done, 1 a service is unreachable (or the command failed),
 
 from __future__ import annotations
 
+# Each subcommand imports what it uses when it runs, so -help, -version and -check
+# answer without loading Celery, SQLAlchemy or a driver's client library.
 import argparse
 import json
 import os
@@ -41,7 +43,7 @@ from djinn.config import DriverConfig, WorkerConfig, load_driver_config, load_wo
 from djinn.errors import ConfigError, DjinnError
 
 PROG = "djinn-worker"
-# Lengths of the users columns the submitted owner is written to (djinn.models.User).
+# Lengths of the users columns the submitted owner is written to (djinn.db.models.User).
 MAX_USERNAME = 64
 MAX_EMAIL = 255
 
@@ -90,17 +92,19 @@ def effective_settings(worker: WorkerConfig, drivers: DriverConfig) -> dict:
 def run_daemon(config_path: str, driver_path: str, worker: WorkerConfig, drivers: DriverConfig) -> int:
     """Run the Celery worker in this process until it is stopped.
 
-    Stopping (djinn.shutdown): the first SIGTERM or SIGINT drains (no new builds,
+    Stopping (djinn.worker.shutdown): the first SIGTERM or SIGINT drains (no new builds,
     running ones finish, exit 0), a second one hands the running builds back to
     be rerun by other workers. SIGHUP reopens the log file.
     """
-    from djinn import logs, metrics
-    from djinn.db import check_connection, make_engine
-    from djinn.drivers import driver_class
-    from djinn.kill import redis_client
-    from djinn.queue import CONFIG_ENV, DRIVER_CONFIG_ENV, make_app
-
     import redis
+
+    from djinn.db.engine import check_connection, make_engine
+    from djinn.drivers import driver_class
+    from djinn.observe import logs, metrics
+    from djinn.worker import shutdown
+    from djinn.worker.health import HealthChecker
+    from djinn.worker.kill import redis_client
+    from djinn.worker.queue import CONFIG_ENV, DRIVER_CONFIG_ENV, make_app
 
     check_connection(make_engine(worker.database, pool_size=1))
     try:
@@ -119,7 +123,7 @@ def run_daemon(config_path: str, driver_path: str, worker: WorkerConfig, drivers
         raise DjinnError(f"log file {worker.log.file}: {exc.strerror}") from None
     # Listening before the pool forks: a taken port stops the start, and every pool
     # process inherits the socket its metric events go to.
-    metrics.start(worker)
+    metrics.start(worker, HealthChecker(worker).check, shutdown.phase)
     if worker.pidfile:
         try:
             Path(worker.pidfile).parent.mkdir(parents=True, exist_ok=True)
@@ -160,8 +164,8 @@ _in_use: WorkerConfig | None = None
 def _context(config_path: str):
     """The command's WorkerContext, PostgreSQL checked first so that a database that is down is exit 1."""
     global _in_use
-    from djinn.context import WorkerContext
-    from djinn.db import check_connection
+    from djinn.db.engine import check_connection
+    from djinn.worker.context import WorkerContext
 
     config = load_worker_config(config_path)
     warn(PROG, config.warnings)
@@ -174,7 +178,7 @@ def _context(config_path: str):
 def _check_redis(config: WorkerConfig) -> None:
     import redis
 
-    from djinn.kill import redis_client
+    from djinn.worker.kill import redis_client
 
     try:
         redis_client(config.redis, socket_connect_timeout=5, socket_timeout=5).ping()
@@ -191,7 +195,7 @@ def cmd_migrate(argv: Sequence[str]) -> int:
     parser = ArgumentParser(prog=f"{PROG} migrate", description="Create or upgrade the database schema (idempotent).")
     _config_flag(parser)
     args = parser.parse_args(argv)
-    from djinn.migrate import upgrade
+    from djinn.db.migrate import upgrade
 
     ctx = _context(args.config)
     before, after = upgrade(ctx.engine)
@@ -233,9 +237,9 @@ def cmd_submit(argv: Sequence[str]) -> int:
 
     import sqlalchemy.exc
 
-    from djinn.queue import enqueue
-    from djinn.runner import Key, Variable
-    from djinn.submit import SubmitError, Trigger, submit
+    from djinn.db.submit import SubmitError, Trigger, submit
+    from djinn.runner.engine import Key, Variable
+    from djinn.worker.queue import enqueue
 
     text = read_text_file(args.manifest, "")
     check_text(args.user, "-user")
@@ -302,7 +306,7 @@ def _build_id(text: str) -> int:
 
 
 def _get_build(session, build_id: int):
-    from djinn.models import Build
+    from djinn.db.models import Build
 
     build = session.get(Build, build_id)
     if build is None:
@@ -365,7 +369,7 @@ def cmd_logs(argv: Sequence[str]) -> int:
     parser = _build_id_parser("logs", "Print a build's output.")
     parser.add_argument("-f", "--follow", action="store_true", help="follow a running build's output until it finishes")
     args = parser.parse_args(argv)
-    from djinn.recorder import stream_output
+    from djinn.db.recorder import stream_output
 
     ctx = _context(args.config)
     out = sys.stdout
@@ -381,9 +385,9 @@ def cmd_kill(argv: Sequence[str]) -> int:
     )
     args = parser.parse_args(argv)
     from djinn import notify
-    from djinn.db import transaction
-    from djinn.kill import publish_kill, settle_queued_kill
+    from djinn.db.engine import transaction
     from djinn.status import Status
+    from djinn.worker.kill import publish_kill, settle_queued_kill
 
     ctx = _context(args.config)
     with transaction(ctx.sessions) as session:
@@ -493,8 +497,8 @@ def _unreachable(exc: BaseException) -> str | None:
 
 
 def _is_input_error(exc: DjinnError) -> bool:
+    from djinn.db.submit import SubmitError
     from djinn.errors import ManifestError
-    from djinn.submit import SubmitError
 
     return isinstance(exc, (InputError, ManifestError, SubmitError))
 

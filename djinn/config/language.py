@@ -65,8 +65,8 @@ from __future__ import annotations
 import datetime
 import os
 import re
-from fractions import Fraction
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -577,7 +577,6 @@ class _Parser:
             target[name] = value
             target.positions[name] = pos
             return
-        group = target.get(name)
         if name not in target:
             group = ConfigDict(pos)
             target[name] = group
@@ -585,6 +584,8 @@ class _Parser:
             target.labelled.add(name)
         elif name not in target.labelled:
             raise self.error(name_tok, f'"{name}" is written without a label at {target.positions[name]}, so it cannot take label "{label}"')
+        else:
+            group = target[name]
         group[label] = value
         group.positions[label] = pos
 

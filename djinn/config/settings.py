@@ -30,8 +30,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from djinn.errors import ConfigError
 from djinn.config.language import ConfigDict, Pos, Size, config_error, parse_duration, parse_file
+from djinn.errors import ConfigError
 
 
 def quoted(value: object) -> str:
@@ -361,7 +361,7 @@ class _Section:
         self.warnings = warnings
         if not isinstance(values, Mapping):
             raise config_error(pos, f"{path}: expected a block {{ ... }}, got {_describe(values)}")
-        self.values = values
+        self.values: Any = values  # a ConfigDict from a file, or a plain mapping
 
     def warn(self, pos: Pos, message: str) -> None:
         self.warnings.append(f"{pos}: {message}")
@@ -410,7 +410,7 @@ class _Section:
             return key in self.values.labelled
         return None
 
-    def get(self, key: str, check: Callable[[Any], Any], default: Any = _MISSING) -> Any:
+    def get(self, key: str, check: Callable[[Any, str], Any], default: Any = _MISSING) -> Any:
         if key not in self.values:
             if default is _MISSING:
                 where = f"{self.path} block" if self.path else "config"

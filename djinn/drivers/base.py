@@ -48,6 +48,7 @@ class Driver(abc.ABC):
     @classmethod
     def check(cls, settings: Mapping[str, Any]) -> None:
         """Raise DriverError when this host cannot run builds with this driver (checked at start-up)."""
+        return None  # most drivers have nothing to check
 
     def key_location(self, name: str) -> str:
         """Where a build key named `name` is placed."""

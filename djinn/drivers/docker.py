@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, BinaryIO, Callable, Collection, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Collection, Iterable, Iterator, Mapping, cast
 
 import docker
 import docker.errors
@@ -50,8 +50,8 @@ import requests.exceptions
 from docker.types import LogConfig, Mount
 
 from djinn.drivers.base import Driver, Output
+from djinn.drivers.environment import refused_names_message, shell_exports
 from djinn.errors import DriverError
-from djinn.output import refused_names_message, shell_exports
 from djinn.paths import PathEscapeError
 
 log = logging.getLogger(__name__)
@@ -428,7 +428,7 @@ class DockerDriver(Driver):
             if member is not None and member.isfile():
                 stream = tar.extractfile(member)
                 if stream is not None:
-                    yield posixpath.relpath(full, self.workspace), stream
+                    yield posixpath.relpath(full, self.workspace), cast(BinaryIO, stream)
 
     def _resolve(self, container: str, full: str, source: str) -> str | None:
         """`full` with every symlink along it resolved in the container; None when it does not exist.
@@ -461,6 +461,7 @@ class DockerDriver(Driver):
 
     def _archive(self, container: str, path: str, source: str) -> tuple[Any, dict] | None:
         """The tar stream and stat of `path` in the container, None when it does not exist."""
+        assert self.api is not None  # created
         try:
             return self.api.get_archive(container, path)
         except docker.errors.NotFound:
@@ -495,7 +496,7 @@ class DockerDriver(Driver):
                 if _glob_match(path, parts):
                     stream = tar.extractfile(member)
                     if stream is not None:
-                        yield posixpath.relpath(path, self.workspace), stream
+                        yield posixpath.relpath(path, self.workspace), cast(BinaryIO, stream)
 
     # --- cancel and destroy -------------------------------------------------
 

@@ -115,6 +115,7 @@ class OSDriver(Driver):
 
     def _stream(self, process: subprocess.Popen[bytes], output: Output) -> None:
         """Copy the job's output until the pipe closes, or shortly after the shell exits."""
+        assert process.stdout is not None  # Popen with stdout=PIPE
         fd = process.stdout.fileno()
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP)

@@ -263,6 +263,7 @@ class QEMUDriver(Driver):
             # One attempt at a time, each bounded: QEMU accepts a connection before the guest
             # listens and keeps delivering abandoned ones once it is up, so many parallel or
             # very short attempts would pile up in the guest's sshd (MaxStartups).
+            assert self.port is not None  # set by _launch
             self.ssh.connect("127.0.0.1", self.port, deadline=deadline, attempt_timeout=ATTEMPT_TIMEOUT,
                              alive=self._check_alive)
         except DriverError as exc:
@@ -455,7 +456,7 @@ class QEMUDriver(Driver):
 def _kill_stale_vm(directory: Path, owner: dict[str, Any]) -> list[str]:
     """Kill the VM a dead worker left running for `directory`, if it is still that process."""
     pid, started = owner.get("vm_pid"), owner.get("vm_started")
-    if not leftovers.same_process(pid, started):
+    if not isinstance(pid, int) or not leftovers.same_process(pid, started):
         return []
     try:
         os.kill(pid, signal.SIGKILL)

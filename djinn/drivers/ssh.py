@@ -50,14 +50,14 @@ import socket
 import stat
 import threading
 import time
-from typing import Any, BinaryIO, Callable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping, cast
 
 import paramiko
 
 from djinn.config.language import parse_duration
 from djinn.drivers.base import Driver, Output
+from djinn.drivers.environment import refused_names_message, shell_exports
 from djinn.errors import DjinnError, DriverError
-from djinn.output import refused_names_message, shell_exports
 from djinn.paths import PathEscapeError
 
 DEFAULT_PORT = 22
@@ -652,7 +652,7 @@ class SSHDriver(Driver):
                 with self.sftp.open(match, "rb") as remote:
                     shown = match.removeprefix(self.workspace.rstrip("/") + "/")
                     failure = functools.partial(self._failure, f"reading {shown}")
-                    yield shown, _SFTPReader(remote, st.st_size or 0, failure)
+                    yield shown, cast(BinaryIO, _SFTPReader(remote, st.st_size or 0, failure))  # read() is all callers use
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise self._failure(f"collecting {source}", exc) from None
 

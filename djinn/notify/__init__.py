@@ -8,7 +8,7 @@ tasks and a sweep), commit statuses and webhooks in notification_outbox
 (djinn.notify.outbox, sent by each worker's dispatcher thread, outside the
 build pool).
 
-- on_build_started: from djinn.execute.run_build right after the claim, for
+- on_build_started: from djinn.worker.execute.run_build right after the claim, for
   builds that want events; record_build_finished: inside the transaction of
   the build's final write, so the event is recorded exactly when the build ends.
 - on_build_failed: from the build task's Celery failure hook
@@ -23,8 +23,8 @@ import functools
 import traceback
 from typing import Any, Callable, TypeVar
 
+from djinn.db.engine import transaction
 from djinn.notify.common import (
-    FAILED,
     SEND_ADMIN_MAIL,
     SEND_FAILURE_MAIL,
     build_url,
@@ -32,10 +32,11 @@ from djinn.notify.common import (
     log,
     send_task,
 )
+from djinn.notify.mail import owe_failure_mail, worker_error_mail
+from djinn.notify.outbox import record_event
 from djinn.status import Status
 
 __all__ = [
-    "FAILED",
     "build_url",
     "host",
     "on_build_failed",
@@ -60,7 +61,7 @@ def _never_raises(fn: F) -> F:
 
 
 # SQL: whether build `b` has anyone to tell about its events (a pull request or a
-# namespace webhook). Most builds have neither: djinn.execute reads this when it
+# namespace webhook). Most builds have neither: djinn.worker.execute reads this when it
 # loads a build and calls on_build_started / record_build_finished only when true.
 WANTS_EVENTS = """
     EXISTS (SELECT 1 FROM build_triggers t WHERE t.build_id = b.id AND t.type = 'pull')
@@ -71,9 +72,6 @@ WANTS_EVENTS = """
 @_never_raises
 def on_build_started(ctx: Any, build_id: int) -> None:
     """The build was claimed and is running: record its commit status and `build.started` webhooks."""
-    from djinn.db import transaction
-    from djinn.notify.outbox import record_event
-
     with transaction(ctx.sessions) as session:
         record_event(ctx, session, build_id, "build.started")
 
@@ -83,8 +81,6 @@ def record_build_finished(ctx: Any, session: Any, build_id: int) -> int:
 
     Raises like any other statement of that transaction (it is part of it).
     """
-    from djinn.notify.outbox import record_event
-
     return record_event(ctx, session, build_id, "build.finished")
 
 
@@ -94,8 +90,6 @@ def on_build_failed(ctx: Any, build_id: int, status: Status, host: str | None = 
 
     `host`: the Djinn server the build was queued from, for the mail's link.
     """
-    from djinn.notify.mail import owe_failure_mail
-
     if owe_failure_mail(ctx, build_id):
         if host:
             send_task(ctx, SEND_FAILURE_MAIL, build_id, host)
@@ -104,8 +98,6 @@ def on_build_failed(ctx: Any, build_id: int, status: Status, host: str | None = 
 
 
 def _admin_mail(ctx: Any, build_id: int | None, traceback_text: str) -> None:
-    from djinn.notify.mail import worker_error_mail
-
     if ctx.config.smtp is None:
         return
     subject, body = worker_error_mail(ctx, build_id, traceback_text)

@@ -5,17 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from djinn.status import Status
-
 log = logging.getLogger("djinn.notify")
 
 SEND_FAILURE_MAIL = "djinn.send_failure_mail"
 SEND_ADMIN_MAIL = "djinn.send_admin_mail"
 SET_COMMIT_STATUS = "djinn.set_commit_status"
 DELIVER_WEBHOOK = "djinn.deliver_webhook"
-
-# The outcomes that are mailed (SPEC section 6).
-FAILED = frozenset({Status.FAILED, Status.KILLED, Status.TIMED_OUT})
 
 # Where the Djinn server that shows builds lives, when the worker config does not
 # say (see `host`): upstream's public instance.

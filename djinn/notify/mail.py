@@ -42,11 +42,10 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from djinn.config import SMTPSettings
-from djinn.db import transaction
-from djinn.models import Build, BuildJobOutput, BuildKey, BuildTrigger, BuildVariable, NamespaceCollaborator, User
-from djinn.models_notify import BuildNotification
+from djinn.db.engine import rowcount, transaction
+from djinn.db.models import Build, BuildJobOutput, BuildKey, BuildNotification, BuildTrigger, BuildVariable, NamespaceCollaborator, User
 from djinn.notify.common import build_url, host, log
-from djinn.output import Masker
+from djinn.runner.output import Masker
 
 MAIL = "mail"
 PENDING, SENDING, SENT, SKIPPED, FAILED_STATE = "pending", "sending", "sent", "skipped", "failed"
@@ -105,7 +104,7 @@ def output_tail(session: Session, build_id: int, lines: int = TAIL_LINES) -> str
     """The last `lines` lines of the build's output, read from its end only."""
     text = session.scalar(select(func.right(Build.output, TAIL_CHARS)).where(Build.id == build_id))
     if text is None:
-        # Output too large for the column stays in build_job_output (djinn.recorder).
+        # Output too large for the column stays in build_job_output (djinn.db.recorder).
         chunks: list[str] = []
         size = 0
         for data in session.scalars(
@@ -125,7 +124,7 @@ def secret_values(ctx: Any, session: Session, build_id: int) -> list[str]:
     if cipher is None:
         return []
     values = []
-    for value in session.scalars(select(BuildVariable.value).where(BuildVariable.build_id == build_id, BuildVariable.masked)):
+    for value in session.scalars(select(BuildVariable.value).where(BuildVariable.build_id == build_id, BuildVariable.masked.is_(True))):
         try:
             values.append(cipher.decrypt_text(value))
         except Exception as exc:  # the output itself was masked when written; this is a second line of defence
@@ -289,7 +288,7 @@ def _claim(ctx: Any, build_id: int) -> bool:
             .where(BuildNotification.build_id == build_id, BuildNotification.kind == MAIL, BuildNotification.state == PENDING)
             .values(state=SENDING, attempts=BuildNotification.attempts + 1, updated_at=func.now())
         )
-        return result.rowcount == 1
+        return rowcount(result) == 1
 
 
 def _mark_sent(ctx: Any, build_id: int, tries: int = 30) -> None:

@@ -29,9 +29,8 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from djinn.db import transaction
-from djinn.models import Build
-from djinn.models_notify import NotificationOutbox
+from djinn.db.engine import rowcount, transaction
+from djinn.db.models import Build, NotificationOutbox
 from djinn.notify import statuses, webhooks
 from djinn.notify.common import log
 
@@ -104,7 +103,7 @@ def prune(ctx: Any) -> int:
                 NotificationOutbox.state.in_([SENT, FAILED]), NotificationOutbox.updated_at < func.now() - KEEP_DONE
             )
         )
-    return result.rowcount
+    return rowcount(result)
 
 
 def backoff(attempts: int) -> float:

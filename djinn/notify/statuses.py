@@ -16,9 +16,8 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 
 from djinn.config.settings import DEFAULT_PROVIDER_ENDPOINTS
-from djinn.db import transaction
-from djinn.models import Build, BuildTrigger
-from djinn.models_notify import BuildNotification, Provider, ProviderRepo
+from djinn.db.engine import transaction
+from djinn.db.models import Build, BuildNotification, BuildTrigger, Provider, ProviderRepo
 from djinn.notify import http
 from djinn.notify.common import build_url, host, log
 from djinn.status import Status
@@ -111,9 +110,9 @@ def set_commit_status(ctx: Any, build_id: int) -> str:
     """
     with transaction(ctx.sessions) as session:
         build = session.get(Build, build_id)
-        if build is None or not wants_status(build.trigger):
+        trigger = build.trigger if build is not None else None
+        if build is None or trigger is None or not wants_status(trigger):
             return "nothing to do: not a pull request build"
-        trigger = build.trigger
         provider = session.get(Provider, trigger.provider_id)
         repo = session.get(ProviderRepo, trigger.repo_id)
         if provider is None or repo is None:

@@ -4,7 +4,7 @@ Every worker with an `smtp` block runs it in its main process. Each pass:
 - owes a mail for every build that ended failed/killed/timed_out in the last
   HORIZON but has no mail row: its worker died between the build's final write
   and the failure hook, or the build was abandoned after too many attempts
-  (djinn.lease), which no build task reports;
+  (djinn.db.lease), which no build task reports;
 - gives `sending` rows whose sender died (older than SENDING_STALE) back to pending;
 - queues a send for pending rows nobody has touched for PENDING_STALE (their
   task was lost: broker restart, dead worker holding the retry).
@@ -18,10 +18,11 @@ from typing import Any
 
 from sqlalchemy import func, or_, select, text, update
 
-from djinn.db import transaction
-from djinn.models_notify import BuildNotification
+from djinn.db.engine import transaction
+from djinn.db.models import BuildNotification
 from djinn.notify.common import SEND_FAILURE_MAIL, log, send_task
 from djinn.notify.mail import MAIL, PENDING, SENDING
+from djinn.observe import metrics
 from djinn.periodic import Periodic
 
 INTERVAL = 10.0
@@ -86,4 +87,4 @@ def sweep(ctx: Any) -> list[int]:
 
 def Sweeper(ctx: Any, interval: float = INTERVAL) -> Periodic:
     """The mail sweep thread of a worker's main process."""
-    return Periodic("mail-sweep", interval, lambda: sweep(ctx))
+    return Periodic("mail-sweep", interval, lambda: sweep(ctx), on_error=metrics.error)

@@ -18,9 +18,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from djinn.db import transaction
-from djinn.models import Build, Namespace, User
-from djinn.models_notify import NamespaceWebhook, NamespaceWebhookDelivery
+from djinn.db.engine import transaction
+from djinn.db.models import Build, Namespace, NamespaceWebhook, NamespaceWebhookDelivery, User
 from djinn.notify import http
 from djinn.notify.common import build_url, host, log
 

@@ -1,4 +1,4 @@
-"""The build task: the Celery edge around djinn.execute.run_build.
+"""The build task: the Celery edge around djinn.worker.execute.run_build.
 
 A build that ends failed, killed or timed_out makes the task fail with
 BuildFailed once the build's rows are final, so the outcome goes through
@@ -20,11 +20,12 @@ import logging
 from celery import Task, shared_task
 from celery.exceptions import Reject
 
-from djinn import context, notify
-from djinn.execute import ClaimDeferred, run_build
-from djinn.notify import tasks as _notify_tasks  # noqa: F401  (registers the notification tasks)
-from djinn.queue import RUN_BUILD
+from djinn import notify
 from djinn.status import Status
+from djinn.tasks import notify as _notify_tasks  # noqa: F401  (registers the notification tasks)
+from djinn.worker import context
+from djinn.worker.execute import ClaimDeferred, run_build
+from djinn.worker.queue import RUN_BUILD
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,6 @@ def run_build_task(build_id: int, host: str | None = None) -> str | None:
         raise Reject(str(exc), requeue=True) from None
     if status is None:
         return None
-    if status in notify.FAILED:
+    if status.is_failure:
         raise BuildFailed(build_id, status)
     return status.value

@@ -1,11 +1,12 @@
 """Worker start-up and shutdown: the Celery signals around the build tasks.
 
-- setup_logging: the worker's own structured log (djinn.logs) replaces Celery's;
+- setup_logging: the worker's own structured log (djinn.observe.logs) replaces Celery's;
 - worker_init (main process, before the pool forks): the metrics listener;
+- task_failure: a task that could not do its work counts as a worker error;
 - worker_process_init (each pool process): its SIGTERM will hand its build
-  back (djinn.shutdown);
+  back (djinn.worker.shutdown);
 - worker_ready: start-up sweep, the reaper, the consumer of the Djinn server's
-  curlyq queue (djinn.curlyq), and the main process's signals (first
+  curlyq queue (djinn.worker.curlyq), and the main process's signals (first
   SIGTERM/SIGINT drains, the second hands builds back, SIGHUP reopens);
 - worker_shutting_down (the drain starts): the curlyq consumer stops taking jobs;
 - worker_shutdown: the curlyq consumer, the reaper and the listener stop.
@@ -17,6 +18,7 @@ import logging
 
 from celery.signals import (
     setup_logging,
+    task_failure,
     worker_init,
     worker_process_init,
     worker_ready,
@@ -24,7 +26,11 @@ from celery.signals import (
     worker_shutting_down,
 )
 
-from djinn import context
+from djinn.observe import logs, metrics
+from djinn.worker import context, shutdown
+from djinn.worker.curlyq import start_for_worker
+from djinn.worker.health import HealthChecker
+from djinn.worker.reaper import Reaper, sweep_leftovers
 
 log = logging.getLogger(__name__)
 _reaper = None
@@ -34,9 +40,7 @@ _curlyq = None
 
 @setup_logging.connect
 def on_setup_logging(**_) -> None:
-    """Log lines as djinn.logs writes them, to the config's `log` file at its level."""
-    from djinn import logs
-
+    """Log lines as djinn.observe.logs writes them, to the config's `log` file at its level."""
     config = context.current().config
     logs.setup(config.log.level, config.log.file)
 
@@ -44,19 +48,16 @@ def on_setup_logging(**_) -> None:
 @worker_init.connect
 def on_worker_init(sender=None, **_) -> None:
     global _controller
-    from djinn import metrics
-
     _controller = sender
     try:
-        metrics.start(context.current().config)  # a no-op when djinn-worker started it already
+        config = context.current().config
+        metrics.start(config, HealthChecker(config).check, shutdown.phase)  # a no-op when djinn-worker started it already
     except Exception as exc:  # `celery -A djinn worker`: run without metrics rather than not at all
         log.error("metrics: %s", exc)
 
 
 @worker_process_init.connect
 def on_worker_process_init(**_) -> None:
-    from djinn import shutdown
-
     shutdown.mark_pool_process()
 
 
@@ -64,10 +65,6 @@ def on_worker_process_init(**_) -> None:
 def on_worker_ready(sender=None, **_) -> None:
     """Clean up after dead builds, keep watching for builds whose worker died, take over the signals."""
     global _reaper, _curlyq
-    from djinn.curlyq import start_for_worker
-    from djinn.reaper import Reaper, sweep_leftovers
-    from djinn.shutdown import MainSignals
-
     ctx = context.current()
     try:
         sweep_leftovers(ctx)
@@ -78,7 +75,13 @@ def on_worker_ready(sender=None, **_) -> None:
         _curlyq = start_for_worker(ctx)
     except Exception as exc:  # Celery builds still run; the server's queue waits for a restart
         log.error("cannot consume the curlyq queue %s: %s", ctx.config.queue, exc)
-    MainSignals(_controller or getattr(sender, "controller", None)).install()
+    shutdown.MainSignals(_controller or getattr(sender, "controller", None)).install()
+
+
+@task_failure.connect
+def on_task_failure(sender=None, exception=None, **_) -> None:
+    """Counted in djinn_errors_total unless the task says the exception is its expected result."""
+    metrics.task_failed(sender, exception)
 
 
 @worker_shutting_down.connect
@@ -92,8 +95,6 @@ def on_worker_shutting_down(**_) -> None:
 
 @worker_shutdown.connect
 def on_worker_shutdown(**_) -> None:
-    from djinn import metrics
-
     on_worker_shutting_down()
     if _reaper is not None:
         _reaper.stop()

@@ -9,7 +9,7 @@ The contract (SPEC section 10 and dist/):
   was submitted and queued again for another worker. A hand-back is not a
   crash: the attempt is not counted and the build is not tagged `orphaned`.
 - SIGHUP reopens the log file (logrotate); pool processes reopen it by
-  themselves when it was moved (djinn.logs).
+  themselves when it was moved (djinn.observe.logs).
 
 How it fits Celery's prefork pool. Celery's own handlers are replaced once the
 worker is ready (Celery treats a second SIGTERM as nothing and SIGHUP as
@@ -35,6 +35,17 @@ import signal
 import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
+
+from celery import signals as celery_signals
+from celery.worker import state as celery_state
+
+from djinn.db.engine import transaction
+from djinn.db.lease import Lease, held, reset_for_rerun
+from djinn.db.models import Build
+from djinn.observe import logs
+from djinn.status import Status
+from djinn.worker.context import WorkerContext
+from djinn.worker.queue import requeue
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +121,7 @@ def request_hand_back() -> list[int]:
 _events: "queue.SimpleQueue[tuple[Any, ...]]" = queue.SimpleQueue()
 _dispatcher_pid: int | None = None
 _phase = RUNNING
-_handlers: dict[str, Callable[..., None]] = {}
+_handlers: dict[str, Callable[..., object]] = {}
 
 
 def phase() -> str:
@@ -137,8 +148,6 @@ def _dispatch(events: "queue.SimpleQueue[tuple[Any, ...]]") -> None:
 
 
 def _reopen_logs() -> None:
-    from djinn import logs
-
     logs.reopen()
 
 
@@ -163,7 +172,7 @@ def _install_child_handlers() -> None:
     Not at worker_process_init: billiard installs its own handlers for SIGTERM
     and SIGHUP after that signal (its `_shutdown_cleanup`, which exits), so ours
     are put in place when the process starts its first build. Its log needs no
-    SIGHUP: djinn.logs' handler reopens a file that was moved away.
+    SIGHUP: djinn.observe.logs' handler reopens a file that was moved away.
     """
     global _child_handlers_pid, _previous_term
     if not _in_pool or _child_handlers_pid == os.getpid():
@@ -203,9 +212,7 @@ class MainSignals:
         if threading.current_thread() is not threading.main_thread():
             log.warning("signal handlers not installed: not in the main thread")
             return
-        from celery.worker import state  # imported here, never inside the signal handler
-
-        self._state = state
+        self._state = celery_state
         _handlers["stop"] = self._on_stop
         _handlers["hup"] = self._on_hup
         _start_dispatcher()
@@ -240,10 +247,8 @@ class MainSignals:
                 name, busy, "" if busy == 1 else "s",
             )
             try:
-                from celery import signals
-
                 hostname = getattr(self.worker, "hostname", None)
-                signals.worker_shutting_down.send(sender=hostname, sig=name, how="Warm", exitcode=0)
+                celery_signals.worker_shutting_down.send(sender=hostname, sig=name, how="Warm", exitcode=0)
             except Exception:  # a receiver's error must not stop the shutdown
                 log.exception("worker_shutting_down receivers failed")
             return
@@ -266,9 +271,7 @@ class MainSignals:
 
 def _active_requests() -> int:
     try:
-        from celery.worker import state
-
-        return len(state.active_requests)
+        return len(celery_state.active_requests)
     except Exception:
         return len(_runs)
 
@@ -276,7 +279,7 @@ def _active_requests() -> int:
 # -- giving a build back -------------------------------------------------------
 
 
-def hand_back(ctx, lease, on_reset: Callable[[Any, Any], None] | None = None) -> bool:
+def hand_back(ctx: WorkerContext, lease: Lease) -> bool:
     """Put a build this worker holds back to `queued` and on its queue, for another worker.
 
     The attempt the claim counted is given back (a stopping worker is not a dying
@@ -286,29 +289,17 @@ def hand_back(ctx, lease, on_reset: Callable[[Any, Any], None] | None = None) ->
     queues it once the lease is stale (that path does count an attempt).
     Returns whether the build was handed back.
     """
-    from sqlalchemy import delete, select
-
-    from djinn.db import transaction
-    from djinn.lease import ORPHANED_TAG, held, reset_for_rerun
-    from djinn.models import Build, BuildTag
-    from djinn.queue import enqueue
-    from djinn.submit import queue_for
-
     try:
         with transaction(ctx.sessions) as session:
             if not held(session, lease):
                 log.error("build %s: lease lost before the hand-back; another worker owns the build", lease.build_id)
                 return False
             build = session.get(Build, lease.build_id)
-            tagged = session.scalar(
-                select(BuildTag.id).where(BuildTag.build_id == build.id, BuildTag.name == ORPHANED_TAG)
-            )
-            reset_for_rerun(session, build, (lambda b: on_reset(session, b)) if on_reset else None)
-            if tagged is None:
-                session.execute(delete(BuildTag).where(BuildTag.build_id == build.id, BuildTag.name == ORPHANED_TAG))
-            build.attempt = max(build.attempt - 1, 0)
-            session.flush()
-            enqueue(ctx.app, build.id, queue_for(build.driver.type, build.driver.config))
+            if build is None:
+                log.error("build %s: gone from the database before the hand-back", lease.build_id)
+                return False
+            reset_for_rerun(session, build, ctx.artifacts, orphaned=False)
+            requeue(ctx.app, build)
     except Exception as exc:
         log.error(
             "build %s: could not hand the build back (%s); another worker reruns it once its lease is stale",
@@ -319,19 +310,14 @@ def hand_back(ctx, lease, on_reset: Callable[[Any, Any], None] | None = None) ->
     return True
 
 
-def requeue_unclaimed(ctx, build_id: int) -> None:
+def requeue_unclaimed(ctx: WorkerContext, build_id: int) -> None:
     """A build this stopping process received but did not start: queue it again so the message is not lost."""
-    from djinn.models import Build
-    from djinn.queue import enqueue
-    from djinn.submit import queue_for
-
     try:
         with ctx.sessions() as session:
             build = session.get(Build, build_id)
-            if build is None or build.status != "queued":
+            if build is None or build.status != Status.QUEUED:
                 return
-            target = queue_for(build.driver.type, build.driver.config)
-        enqueue(ctx.app, build_id, target)
+            requeue(ctx.app, build)
         log.warning("build %s: the worker is stopping: not started here, queued again", build_id)
     except Exception as exc:
         log.error("build %s: the worker is stopping and could not queue the build again: %s", build_id, exc)

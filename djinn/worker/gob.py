@@ -14,6 +14,7 @@ encoding/gob package; tests/fixtures/curlyq holds bytes printed by Go itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 # Type ids gob predefines for basic types, and the first one an encoder assigns.
 BOOL, INT, UINT, FLOAT, BYTES, STRING, COMPLEX = 1, 2, 3, 4, 5, 6, 7
@@ -137,7 +138,7 @@ class _StructType:
     fields: list[tuple[str, int]]
 
 
-def _read_struct(r: _Reader, read_field) -> None:
+def _read_struct(r: _Reader, read_field: Callable[[int], None]) -> None:
     """Walk one struct value: `read_field(index)` reads the value of each field present."""
     index = -1
     while True:
@@ -173,9 +174,9 @@ def _read_type_definition(r: _Reader) -> _StructType:
                 _read_struct(r, common_field)
             elif i == 1:
                 for _ in range(r.uint()):
-                    entry = {"name": "", "id": 0}
+                    entry: dict[str, Any] = {"name": "", "id": 0}
 
-                    def field_type(j: int) -> None:
+                    def field_type(j: int, entry: dict[str, Any] = entry) -> None:
                         if j == 0:
                             entry["name"] = r.bytes().decode("utf-8", "replace")
                         elif j == 1:

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from sqlalchemy import JSON, bindparam, delete, func, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from djinn.config import queue_for_driver
 from djinn.crypto import Cipher, Hasher, hasher
-from djinn.db import transaction
-from djinn.errors import DjinnError
-from djinn.manifest import Manifest, parse_manifest
-from djinn.models import (
+from djinn.db.engine import transaction
+from djinn.db.models import (
     Build,
     BuildArtifact,
     BuildKey,
@@ -32,12 +30,14 @@ from djinn.models import (
     Object,
     User,
 )
+from djinn.errors import DjinnError
+from djinn.manifest import Manifest, parse_manifest
+from djinn.plan import plan_build
+from djinn.runner.engine import Key, Variable
 
 #: Owners `submit` creates without an address get one in this reserved domain (the
 #: server wants a unique address per user); no mail is sent to it (djinn.notify.mail).
 NO_MAIL_DOMAIN = "no-mail.invalid"
-from djinn.plan import plan_build
-from djinn.runner import Key, Variable
 
 
 class SubmitError(DjinnError):
@@ -57,7 +57,7 @@ class Submitted:
 class Trigger:
     type: str = "manual"
     comment: str = ""
-    data: dict | None = None
+    data: dict[str, Any] | None = None
     provider_id: int | None = None
     repo_id: int | None = None
 
@@ -67,6 +67,13 @@ def queue_for(driver_type: str, driver: dict[str, str]) -> str:
     if driver_type == "qemu":
         return queue_for_driver(f"qemu-{driver.get('arch', 'x86_64')}")
     return queue_for_driver(driver_type)
+
+
+def queue_of(build: Build) -> str:
+    """The queue a submitted build goes on (again)."""
+    if build.driver is None:
+        raise DjinnError(f"build {build.id} has no driver row; it cannot be queued")
+    return queue_for(build.driver.type, build.driver.config)
 
 
 def get_or_create_user(session: Session, username: str, email: str | None = None) -> User:
@@ -124,6 +131,7 @@ def _namespace(session: Session, user: User, path: str) -> Namespace:
                     found.root_id = found.id
             parent = found
         namespace = parent
+    assert namespace is not None  # the path has at least one name
     return namespace
 
 
@@ -180,6 +188,8 @@ def create_build(
     # A namespace's builds belong to its owner, as on the server. The submitter's row is
     # locked (get_or_create_user); the owner's is locked here, so the number is ours.
     owner = user if owner_id == user.id else session.scalar(select(User).where(User.id == owner_id).with_for_update())
+    if owner is None:
+        raise SubmitError(f"namespace owner {owner_id} does not exist")
     number = (session.scalar(select(func.max(Build.number)).where(Build.user_id == owner.id)) or 0) + 1
     stored = session.execute(STORED_VARIABLES, {"user_id": owner.id, "namespace_id": namespace.id if namespace else None}).all()
     stored_keys = session.execute(STORED_KEYS, {"user_id": owner.id, "namespace_id": namespace.id if namespace else None}).all()
@@ -223,8 +233,26 @@ INSERT_BUILD = text(
 ).bindparams(bindparam("driver_config", type_=JSON), bindparam("trigger_data", type_=JSON))
 
 
+def _sealing(cipher: Cipher | None) -> Cipher:
+    """The cipher masked values and keys are stored with (create_build refused to go on without one)."""
+    if cipher is None:
+        raise SubmitError("masked variables and keys need the crypto block in the worker config")
+    return cipher
+
+
 def _insert_rows(
-    session, manifest, user, number, namespace, objects, variables, keys, cipher, trigger, stored=(), stored_keys=()
+    session: Session,
+    manifest: Manifest,
+    user: User,
+    number: int,
+    namespace: Namespace | None,
+    objects: list[tuple[Any, int]],
+    variables: list[Variable],
+    keys: list[Key],
+    cipher: Cipher | None,
+    trigger: Trigger,
+    stored: Iterable[Any] = (),
+    stored_keys: Iterable[Any] = (),
 ) -> Submitted:
     """The server's rows for a build: INSERT_BUILD, then one multi-row INSERT per optional table."""
     stages = plan_build(manifest, number).stages
@@ -262,7 +290,7 @@ def _insert_rows(
             "build_id": build_id,
             "variable_id": None,
             "key": v.key,
-            "value": cipher.encrypt_text(v.value) if v.masked else v.value,
+            "value": _sealing(cipher).encrypt_text(v.value) if v.masked else v.value,
             "masked": v.masked,
         }
         for v in variables
@@ -278,7 +306,7 @@ def _insert_rows(
             "build_id": build_id,
             "key_id": None,
             "name": k.name,
-            "key": cipher.encrypt(k.key.encode()),
+            "key": _sealing(cipher).encrypt(k.key.encode()),
             "config": k.config,
             "location": f"/root/.ssh/{k.name}",
         }
@@ -304,7 +332,7 @@ def _insert_rows(
             "source": artifact.source,
             "name": artifact.destination,
         }
-        for job_id, (_, job) in zip(job_ids, jobs)
+        for job_id, (_, job) in zip(job_ids, jobs, strict=True)
         for artifact in job.artifacts
     ]
     if rows:

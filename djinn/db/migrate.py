@@ -12,7 +12,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from djinn.errors import DjinnError
@@ -57,7 +57,7 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | N
     return before, after
 
 
-def _refuse_old_layout(connection) -> None:
+def _refuse_old_layout(connection: Connection) -> None:
     """Databases made by worker releases before the server's schema was adopted cannot be upgraded in place."""
     old = connection.execute(text("SELECT to_regtype('build_status') IS NOT NULL AND to_regtype('status') IS NULL")).scalar()
     if old:

@@ -13,14 +13,14 @@ import logging
 import os
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import redis
 from sqlalchemy import func, update
 from sqlalchemy.orm import Session
 
 from djinn.config import RedisSettings
-from djinn.models import Build, BuildJob
+from djinn.db.models import Build, BuildJob
 from djinn.status import Status
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,8 @@ def settle_queued_kill(session: Session, build_id: int) -> bool:
     """
     settled = session.execute(
         update(Build)
-        .where(Build.id == build_id, Build.status == Status.QUEUED.value)
-        .values(status=Status.KILLED.value, finished_at=func.now(), worker=None, heartbeat_at=None)
+        .where(Build.id == build_id, Build.status == Status.QUEUED)
+        .values(status=Status.KILLED, finished_at=func.now(), worker=None, heartbeat_at=None)
         .returning(Build.id)
         .execution_options(synchronize_session=False)
     ).first()
@@ -66,14 +66,14 @@ def settle_queued_kill(session: Session, build_id: int) -> bool:
     # Jobs that never ran end with the build's status (SPEC section 3); they never started.
     session.execute(
         update(BuildJob)
-        .where(BuildJob.build_id == build_id, BuildJob.status.in_([Status.QUEUED.value, Status.RUNNING.value]))
-        .values(status=Status.KILLED.value, finished_at=func.now())
+        .where(BuildJob.build_id == build_id, BuildJob.status.in_([Status.QUEUED, Status.RUNNING]))
+        .values(status=Status.KILLED, finished_at=func.now())
         .execution_options(synchronize_session=False)
     )
     return True
 
 
-def redis_client(settings: RedisSettings, **kwargs) -> redis.Redis:
+def redis_client(settings: RedisSettings, **kwargs: Any) -> redis.Redis[bytes]:
     host, _, port = settings.addr.rpartition(":")
     return redis.Redis(host=host or "localhost", port=int(port or 6379), password=settings.password or None, **kwargs)
 
@@ -151,7 +151,7 @@ class _Hub:
                 pubsub.psubscribe("kill-*")
                 self.subscribed.set()
                 try:
-                    for message in pubsub.listen():
+                    for message in pubsub.listen():  # type: ignore[no-untyped-call]
                         if message.get("type") == "pmessage":
                             self._deliver(message["channel"], message["data"])
                 finally:

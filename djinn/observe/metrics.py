@@ -34,12 +34,23 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+import redis
+from kombu.exceptions import OperationalError as KombuOperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+
+from djinn import __version__
 from djinn.config import WorkerConfig
-from djinn.errors import DjinnError
-from djinn.plan import CREATE_DRIVER
-from djinn.runner import DRIVER, SCRIPT, SYSTEM, Reporter
+from djinn.errors import DatabaseError, DjinnError, DriverError
+from djinn.observe import logs
+from djinn.plan import CREATE_DRIVER, JobPlan
+from djinn.runner.engine import DRIVER, SCRIPT, SYSTEM, Reporter
+from djinn.runner.store import StoredArtifact
+from djinn.status import Status
+
+#: What /healthz asks: whether the worker's services answer, and each one's result.
+HealthCheck = Callable[[], tuple[bool, list[Any]]]
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +103,7 @@ class Outcome:
     """What the build_finished event tells: the final status and, for a failed build, what failed."""
 
     status: str = ERROR
-    failure: str | None = None  # djinn.runner.SCRIPT, DRIVER or SYSTEM
+    failure: str | None = None  # djinn.runner.engine.SCRIPT, DRIVER or SYSTEM
 
 
 def failure_reason(status: str, failure: str | None = None) -> str:
@@ -110,13 +121,6 @@ def failure_reason(status: str, failure: str | None = None) -> str:
 
 def error_kind(exc: BaseException) -> str:
     """The `kind` label of djinn_errors_total for an exception."""
-    import redis
-    from kombu.exceptions import OperationalError as KombuOperationalError
-    from sqlalchemy.exc import DBAPIError, DisconnectionError
-
-    from djinn.db import DatabaseError
-    from djinn.errors import DriverError
-
     if isinstance(exc, (DBAPIError, DisconnectionError, DatabaseError)):
         return DATABASE
     if isinstance(exc, (redis.RedisError, KombuOperationalError)):
@@ -133,7 +137,7 @@ def error(exc: BaseException | str) -> None:
     emit("error", error_kind=exc if isinstance(exc, str) else error_kind(exc))
 
 
-def _on_task_failure(sender=None, exception: BaseException | None = None, **_: Any) -> None:
+def task_failed(sender: Any = None, exception: BaseException | None = None) -> None:
     """A Celery task that ended in an exception: a build the worker could not run, a notification not sent."""
     if exception is None or isinstance(exception, tuple(getattr(sender, "throws", None) or ())):
         return  # an expected result (BuildFailed: the build failed), not a problem of the worker
@@ -153,7 +157,7 @@ class _BrokerErrorCounter(logging.Filter):
 
 
 def _broker_messages() -> tuple[str, ...]:
-    try:
+    try:  # Celery's own module: read only in a worker, where Celery is loaded anyway
         from celery.worker.consumer import consumer
     except ImportError:
         return ()
@@ -167,28 +171,24 @@ class ObservingReporter(Reporter):
         self.inner = inner
         self.build_id = build_id
         self.driver = driver
-        self._started: dict[int, float] = {}
+        self._started: dict[tuple[str, str], float] = {}
 
     def build_started(self) -> None:
         self.inner.build_started()
 
-    def job_started(self, job) -> None:
-        from djinn import logs
-
-        self._started[id(job)] = time.monotonic()
+    def job_started(self, job: JobPlan) -> None:
+        self._started[job.key] = time.monotonic()
         logs.set_job(self.build_id, job.name)
         self.inner.job_started(job)
 
-    def job_output(self, job, data: bytes) -> None:
+    def job_output(self, job: JobPlan, data: bytes) -> None:
         self.inner.job_output(job, data)
 
-    def job_finished(self, job, status, ran: bool) -> None:
-        from djinn import logs
-
+    def job_finished(self, job: JobPlan, status: Status, ran: bool) -> None:
         try:
             self.inner.job_finished(job, status, ran)
         finally:
-            started = self._started.pop(id(job), None)
+            started = self._started.pop(job.key, None)
             if ran and started is not None:
                 seconds = time.monotonic() - started
                 if job.name == CREATE_DRIVER:
@@ -197,10 +197,10 @@ class ObservingReporter(Reporter):
                     emit("job_finished", driver=self.driver, status=str(status), seconds=seconds)
             logs.set_job(self.build_id, None)
 
-    def artifact_stored(self, job, source: str, artifact) -> None:
+    def artifact_stored(self, job: JobPlan, source: str, artifact: StoredArtifact) -> None:
         self.inner.artifact_stored(job, source, artifact)
 
-    def build_finished(self, status) -> None:
+    def build_finished(self, status: Status) -> None:
         self.inner.build_finished(status)
 
 
@@ -216,20 +216,19 @@ def parse_address(value: str) -> tuple[str, int]:
 class Exporter:
     """The main process's side: the registry, the event receiver and the HTTP listener."""
 
-    def __init__(self, config: WorkerConfig) -> None:
-        try:
+    def __init__(self, config: WorkerConfig, health: HealthCheck, phase: Callable[[], str]) -> None:
+        try:  # optional: only a worker whose config sets `metrics` needs it
             import prometheus_client
             from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
         except ImportError:
             raise DjinnError("the worker config sets `metrics` but prometheus_client is not installed (pip install prometheus_client)") from None
-        from djinn.health import HealthChecker
-
         self.config = config
         self.driver = config.driver
         self._running: dict[int, tuple[str, int]] = {}  # build id -> (driver, pid)
         self._lock = threading.Lock()
-        self.health = HealthChecker(config)
-        prometheus_client.disable_created_metrics()  # a *_created beside every counter only clutters
+        self.health = health
+        self.phase = phase
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # a *_created beside every counter only clutters
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         ProcessCollector(registry=r)  # process_*: the main process's CPU, memory, open files, start time
@@ -266,12 +265,10 @@ class Exporter:
         )
         self.dropped = Counter("djinn_metrics_events_dropped_total", "Metric events that could not be read.", registry=r)
         info = Gauge("djinn_worker_info", "The worker's driver, queue and version.", ["driver", "queue", "version"], registry=r)
-        from djinn import __version__
-
         info.labels(config.driver, config.queue, __version__).set(1)
         Gauge("djinn_worker_parallelism", "Builds the worker runs at once.", registry=r).set(config.resolved_parallelism)
         draining = Gauge("djinn_worker_shutting_down", "1 once the worker was asked to stop.", registry=r)
-        draining.set_function(lambda: 0 if _shutdown_phase() == "running" else 1)
+        draining.set_function(lambda: 0 if self.phase() == "running" else 1)
         r.register(_RunningCollector(self))
         # Pre-create the common series so dashboards see zeros rather than nothing.
         self.started.labels(self.driver)
@@ -283,7 +280,7 @@ class Exporter:
 
     # -- events
 
-    def apply(self, event: dict) -> None:
+    def apply(self, event: dict[str, Any]) -> None:
         kind = event.get("kind")
         driver = str(event.get("driver") or self.driver)
         with self._lock:
@@ -346,8 +343,8 @@ class Exporter:
 
                     self._reply(200, generate_latest(exporter.registry), CONTENT_TYPE_LATEST)
                 elif path in ("/healthz", "/health"):
-                    ok, checks = exporter.health.check()
-                    body = {"status": "ok" if ok else "unhealthy", "shutdown": _shutdown_phase()}
+                    ok, checks = exporter.health()
+                    body = {"status": "ok" if ok else "unhealthy", "shutdown": exporter.phase()}
                     body.update({c.name: c.as_dict() for c in checks})
                     self._reply(200 if ok else 503, json.dumps(body).encode() + b"\n", "application/json")
                 elif path == "/":
@@ -384,6 +381,8 @@ class Exporter:
 
 
 class _RunningCollector:
+    """djinn_builds_running; prometheus_client is optional, so it is imported where an exporter uses it."""
+
     def __init__(self, exporter: Exporter) -> None:
         self.exporter = exporter
 
@@ -411,13 +410,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _shutdown_phase() -> str:
-    from djinn import shutdown
-
-    return shutdown.phase()
-
-
-def start(config: WorkerConfig) -> Exporter | None:
+def start(config: WorkerConfig, health: HealthCheck, phase: Callable[[], str]) -> Exporter | None:
     """Start the listener and the event socket in this (the main) process, before the pool forks.
 
     Idempotent; returns None when the config has no `metrics`. Raises DjinnError
@@ -428,15 +421,9 @@ def start(config: WorkerConfig) -> Exporter | None:
         return None
     if _exporter is not None and _owner_pid == os.getpid():
         return _exporter
-    exporter = Exporter(config)
+    exporter = Exporter(config, health, phase)
     exporter.start()
     _exporter, _owner_pid, _sock = exporter, os.getpid(), exporter._send
-    try:
-        from celery.signals import task_failure
-
-        task_failure.connect(_on_task_failure, weak=False)
-    except ImportError:
-        pass
     return exporter
 
 

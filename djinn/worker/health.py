@@ -11,10 +11,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Callable
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.pool import NullPool
 
 from djinn.config import WorkerConfig
+from djinn.db.engine import database_url
+from djinn.worker.kill import redis_client
 
 TIMEOUT = 2.0
 
@@ -26,11 +30,11 @@ class Check:
     detail: str
     seconds: float
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "detail": self.detail, "seconds": round(self.seconds, 3)}
 
 
-def _timed(name: str, probe) -> Check:
+def _timed(name: str, probe: Callable[[], str]) -> Check:
     start = time.monotonic()
     try:
         detail = probe()
@@ -53,11 +57,6 @@ class HealthChecker:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            from sqlalchemy.pool import NullPool
-
-            from djinn.db import database_url
-            from sqlalchemy import create_engine
-
             ms = int(self.timeout * 1000)
             self._engine = create_engine(
                 database_url(self.config.database),
@@ -67,8 +66,6 @@ class HealthChecker:
         return self._engine
 
     def broker(self) -> Check:
-        from djinn.kill import redis_client
-
         def probe() -> str:
             client = redis_client(self.config.redis, socket_connect_timeout=self.timeout, socket_timeout=self.timeout)
             try:

@@ -9,6 +9,8 @@ from urllib.parse import quote
 from celery import Celery
 
 from djinn.config import RedisSettings, WorkerConfig
+from djinn.db.models import Build
+from djinn.db.submit import queue_of
 
 CONFIG_ENV = "DJINN_WORKER_CONFIG"
 DRIVER_CONFIG_ENV = "DJINN_DRIVER_CONFIG"
@@ -26,7 +28,7 @@ def celery_settings(config: WorkerConfig) -> dict[str, Any]:
     A build must never run twice at once, nor be lost. Celery alone cannot promise
     either (the Redis transport re-delivers an unacknowledged message once the
     visibility timeout passes, even while the first delivery still runs), so the
-    database row is the lease (djinn.lease) and Celery is set to stay out of its way:
+    database row is the lease (djinn.db.lease) and Celery is set to stay out of its way:
     - acks_late: the message is acknowledged when the build is over, so a worker
       that dies before claiming the build leaves the message to be re-delivered;
     - visibility_timeout: longer than any build may run, so a re-delivery happens
@@ -90,3 +92,8 @@ def enqueue(app: Celery, build_id: int, queue: str, host: str | None = None) -> 
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5},
     )
+
+
+def requeue(app: Celery, build: Build) -> None:
+    """Queue a build again (reaped, handed back, or received by a stopping worker), on its own queue."""
+    enqueue(app, build.id, queue_of(build))

@@ -10,15 +10,15 @@ from __future__ import annotations
 import io
 import threading
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from djinn.drivers.base import Driver
 from djinn.errors import DjinnError
-from djinn.output import Masker, job_script
 from djinn.paths import plain_file_name
 from djinn.plan import BuildPlan, JobPlan
+from djinn.runner.output import Masker, job_script
+from djinn.runner.store import ArtifactStore, ObjectStore, StoredArtifact
 from djinn.status import Status
-from djinn.store import ArtifactStore, ObjectStore, StoredArtifact
 
 DEFAULT_TIMEOUT = 30 * 60
 CREATE_TIMEOUT = 5 * 60
@@ -174,7 +174,7 @@ class Runner:
         self.reporter.job_finished(job, status, ran=True)
         return status
 
-    def _place(self, write) -> None:
+    def _place(self, write: Callable[[bytes], None]) -> None:
         for obj in self.plan.objects:
             if self.objects is None:
                 raise DjinnError(f"object {obj.source!r} cannot be placed: no object store is configured")
@@ -221,7 +221,7 @@ class Runner:
         self.reporter.job_finished(job, status, ran=True)
         return status
 
-    def _collect(self, job: JobPlan, write) -> None:
+    def _collect(self, job: JobPlan, write: Callable[[bytes], None]) -> None:
         for artifact in job.artifacts:
             found = False
             try:
@@ -242,7 +242,7 @@ class Runner:
             if not found:
                 write(f"djinn: artifact {artifact.source}: not found\n".encode())
 
-    def _writer(self, job: JobPlan, masker: Masker):
+    def _writer(self, job: JobPlan, masker: Masker) -> Callable[[bytes], None]:
         report = self.reporter.job_output
 
         def write(data: bytes) -> None:

@@ -12,7 +12,7 @@ Every worker runs a reaper in its main process. Each pass:
   that died before claiming it) is queued again.
 
 Why reconciliation cannot make a build run twice, and does not flood a backlog:
-the claim takes only a `queued` build, in one UPDATE (djinn.lease), so an extra
+the claim takes only a `queued` build, in one UPDATE (djinn.db.lease), so an extra
 message for a build that is running or finished is dropped when it arrives. A
 build is queued again only when no message for it is waiting in its queue's
 Redis list and none was delivered in the last `orphan_timeout` (kombu's
@@ -36,20 +36,22 @@ import json
 import logging
 import time
 import uuid
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
+import redis
 from sqlalchemy import func, select
 
-from djinn.context import WorkerContext
-from djinn.curlyq import pending_builds
-from djinn.db import is_unavailable, transaction
-from djinn.execute import remove_artifact_files
-from djinn.kill import redis_client
-from djinn.lease import MAX_ATTEMPTS, abandon, orphans, reset_for_rerun
-from djinn.models import Build, BuildDriver
-from djinn.queue import RUN_BUILD, enqueue
+from djinn.db.engine import is_unavailable, transaction
+from djinn.db.lease import MAX_ATTEMPTS, abandon, orphans, reset_for_rerun
+from djinn.db.models import Build, BuildDriver
+from djinn.db.submit import queue_for
+from djinn.observe import metrics
+from djinn.periodic import Periodic
 from djinn.status import Status
-from djinn.submit import queue_for
+from djinn.worker.context import WorkerContext
+from djinn.worker.curlyq import pending_builds
+from djinn.worker.kill import redis_client
+from djinn.worker.queue import RUN_BUILD, enqueue, requeue
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +72,20 @@ def reap(ctx: WorkerContext) -> list[int]:
     with transaction(ctx.sessions) as session:
         for build in orphans(session, ctx.stale_after):
             dead_worker = build.worker
-            reset_for_rerun(session, build, lambda b: remove_artifact_files(ctx, session, b.id))
+            reset_for_rerun(session, build, ctx.artifacts)
             if build.attempt >= MAX_ATTEMPTS:
                 abandon(session, build, f"the build was started {build.attempt} times and each worker running it died; giving up")
                 log.error("build %s: abandoned after %s attempts", build.id, build.attempt)
             else:
                 # Sent before the commit: if the broker is down the reset is rolled back
                 # and the next pass tries again. A duplicate message is dropped by the claim.
-                enqueue(ctx.app, build.id, queue_for(build.driver.type, build.driver.config))
+                requeue(ctx.app, build)
                 log.warning("build %s: worker %s stopped beating; queued again", build.id, dead_worker)
             done.append(build.id)
     return done
 
 
-def message_build_id(raw: bytes | str | dict) -> int | None:
+def message_build_id(raw: bytes | str | dict[str, Any]) -> int | None:
     """The build id of a Celery build-task message as kombu stores it in Redis, or None for any other message."""
     try:
         message = raw if isinstance(raw, dict) else json.loads(raw)
@@ -98,7 +100,7 @@ def message_build_id(raw: bytes | str | dict) -> int | None:
         return None
 
 
-def _waiting(client, queue: str) -> Iterator[int]:
+def _waiting(client: redis.Redis[bytes], queue: str) -> Iterator[int]:
     for key in (queue + suffix for suffix in PRIORITY_SUFFIXES):
         start = 0
         while chunk := client.lrange(key, start, start + SCAN_CHUNK - 1):
@@ -108,10 +110,10 @@ def _waiting(client, queue: str) -> Iterator[int]:
             start += len(chunk)
 
 
-def _recently_delivered(client, within: float) -> Iterator[int]:
+def _recently_delivered(client: redis.Redis[bytes], within: float) -> Iterator[int]:
     """Builds whose message a consumer took less than `within` seconds ago and has not acknowledged."""
     # A consumer that has held a message longer without claiming its build is gone (or frozen).
-    tags = [tag for tag, _ in client.zrange(UNACKED_INDEX, time.time() - within, "+inf", byscore=True, withscores=True)]
+    tags = [tag for tag, _ in client.zrangebyscore(UNACKED_INDEX, time.time() - within, "+inf", withscores=True)]
     for start in range(0, len(tags), SCAN_CHUNK):
         for entry in client.hmget(UNACKED, tags[start:start + SCAN_CHUNK]):
             try:
@@ -122,7 +124,7 @@ def _recently_delivered(client, within: float) -> Iterator[int]:
                 yield build_id
 
 
-def in_broker(client, queues: Iterable[str], delivered_within: float) -> set[int]:
+def in_broker(client: redis.Redis[bytes], queues: Iterable[str], delivered_within: float) -> set[int]:
     """Ids of the builds that have a message waiting in `queues` (Celery's or curlyq's) or recently delivered."""
     present: set[int] = set()
     for queue in queues:
@@ -135,7 +137,7 @@ def in_broker(client, queues: Iterable[str], delivered_within: float) -> set[int
 def _queued_before(ctx: WorkerContext, ids: list[int] | None = None) -> list[tuple[int, str]]:
     """Queued builds older than orphan_timeout (or those of `ids` still queued), with their queue."""
     query = select(Build.id, BuildDriver.type, BuildDriver.config).join(BuildDriver, BuildDriver.build_id == Build.id)
-    query = query.where(Build.status == Status.QUEUED.value)
+    query = query.where(Build.status == Status.QUEUED)
     if ids is None:
         query = query.where(Build.created_at < func.now() - ctx.config.orphan_timeout).order_by(Build.id).limit(RECONCILE_BATCH)
     else:
@@ -185,12 +187,13 @@ def sweep_leftovers(ctx: WorkerContext) -> list[str]:
     each when the worker process that made them is gone (djinn.drivers.leftovers).
     """
     kind = "qemu" if ctx.config.driver == "qemu-x86_64" else ctx.config.driver
+    # Each driver module loads its own client library (docker, paramiko): only this worker's is imported.
     if kind == "docker":
         from djinn.drivers.docker import sweep
 
         with ctx.sessions() as session:
             live = {str(b.id) for b in session.scalars(
-                select(Build).where(Build.status == Status.RUNNING.value, Build.heartbeat_at >= func.now() - ctx.stale_after)
+                select(Build).where(Build.status == Status.RUNNING, Build.heartbeat_at >= func.now() - ctx.stale_after)
             )}
         removed = sweep(ctx.drivers.settings_for("docker"), keep=live)
     elif kind == "os":
@@ -212,8 +215,6 @@ class Reaper:
     """The reaper thread of a worker's main process: reap every pass, reconcile every orphan_timeout."""
 
     def __init__(self, ctx: WorkerContext) -> None:
-        from djinn.periodic import Periodic
-
         self.ctx = ctx
         self.interval = ctx.reaper_interval
         self.grace = ctx.stale_after.total_seconds()
@@ -221,7 +222,7 @@ class Reaper:
         self._steady_since: float | None = None
         self._last_ok: float | None = None
         self._last_reconcile = 0.0
-        self._periodic = Periodic("reaper", self.interval, self.run_pass)
+        self._periodic = Periodic("reaper", self.interval, self.run_pass, on_error=metrics.error)
 
     def start(self) -> "Reaper":
         self._periodic.start()

@@ -13,12 +13,12 @@ queue Q (curlyq's layout):
     Q:dead                zset    ids that cannot be processed, score = when they died
 
 A job's `Data` is the gob encoding of the server's Payload{Host, BuildID}
-(djinn.gob). Each job this worker takes becomes the Celery build task for its
-build (djinn.queue.enqueue) and is acknowledged only after that publish
+(djinn.worker.gob). Each job this worker takes becomes the Celery build task for its
+build (djinn.worker.queue.enqueue) and is acknowledged only after that publish
 succeeded: a worker killed in between leaves the job in its in-flight set, its
 heartbeat goes stale, and a consumer (this worker's or a Go worker's)
 re-enqueues it; the second Celery message finds the build running or finished
-and the database lease (djinn.lease) drops it.
+and the database lease (djinn.db.lease) drops it.
 
 Timing follows curlyq's defaults, which the Go consumers of a Djinn
 installation use: they beat every minute and treat a consumer as dead two
@@ -39,9 +39,16 @@ from typing import Any, Callable
 
 import msgpack
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from sqlalchemy import select
 
+from djinn.db.models import Build
 from djinn.errors import DjinnError
-from djinn.gob import GobError, decode_payload, encode_payload
+from djinn.status import Status
+from djinn.worker.gob import GobError, decode_payload, encode_payload
+from djinn.worker.kill import redis_client
+from djinn.worker.queue import enqueue
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +175,7 @@ class Job:
         except Exception as exc:  # msgpack raises several unrelated types for bad input
             raise MalformedJob(f"the job data is not msgpack ({type(exc).__name__}: {exc})") from None
         if isinstance(value, (list, tuple)) and len(value) == 3:  # encoded with StructAsArray
-            fields = dict(zip((b"ID", b"Data", b"Attempt"), value))
+            fields = dict(zip((b"ID", b"Data", b"Attempt"), value, strict=True))
         elif isinstance(value, dict):
             fields = {k.encode() if isinstance(k, str) else k: v for k, v in value.items()}
         else:
@@ -330,23 +337,23 @@ def now_score() -> int:
     return int(time.time())
 
 
-def push_job(client: redis.Redis, queue: str, job: Job) -> bool:
+def push_job(client: redis.Redis[bytes], queue: str, job: Job) -> bool:
     """Queue `job` as curlyq's producer does; False when a job with its id exists already."""
     keys = QueueKeys(queue)
-    return bool(client.eval(PUSH, 3, keys.data, keys.active, keys.signal, job.id, job.pack()))
+    return bool(client.eval(PUSH, 3, keys.data, keys.active, keys.signal, job.id, job.pack()))  # type: ignore[no-untyped-call]
 
 
-def push_build(client: redis.Redis, queue: str, build_id: int, host: str = "") -> str:
+def push_build(client: redis.Redis[bytes], queue: str, build_id: int, host: str = "") -> str:
     """Queue build `build_id` the way the Djinn server does; returns the new job's id."""
     job = Job(str(uuid.uuid4()), encode_payload(host, build_id))
     push_job(client, queue, job)
     return job.id
 
 
-def pending_builds(client: redis.Redis, queue: str) -> set[int]:
+def pending_builds(client: redis.Redis[bytes], queue: str) -> set[int]:
     """Builds with a curlyq job on `queue` not yet acknowledged nor dead: waiting, in flight or scheduled.
 
-    The reconciliation of queued builds (djinn.reaper) counts these as queued in the
+    The reconciliation of queued builds (djinn.worker.reaper) counts these as queued in the
     broker: a Go worker's in-flight job is its to run, and a dead consumer's is
     re-enqueued by a custodian.
     """
@@ -365,7 +372,7 @@ def pending_builds(client: redis.Redis, queue: str) -> set[int]:
 
 def backoff(attempt: int, limit: float) -> float:
     """curlyq's delay after `attempt` failures: 2^attempt/2 seconds, jittered by up to 2x, capped."""
-    return min(limit, (1 + random.random()) * (2 ** min(attempt, 32)) / 2)
+    return float(min(limit, (1 + random.random()) * (2 ** min(attempt, 32)) / 2))
 
 
 # -- the consumer -------------------------------------------------------------------
@@ -382,7 +389,7 @@ class Consumer:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis[bytes],
         queue: str,
         handler: Callable[[Job], None],
         *,
@@ -621,12 +628,6 @@ _SCRIPTS = {
 
 def hand_off(ctx: Any) -> Callable[[Job], None]:
     """The handler the worker runs for each curlyq job: the job's build becomes a Celery build task."""
-    from sqlalchemy import select
-
-    from djinn.models import Build
-    from djinn.queue import enqueue
-    from djinn.status import Status
-
     def handle(job: Job) -> None:
         try:
             payload = decode_payload(job.data)
@@ -649,11 +650,6 @@ def hand_off(ctx: Any) -> Callable[[Job], None]:
 
 def start_for_worker(ctx: Any) -> Consumer:
     """Serve the worker's curlyq queue (the Celery queue's namesake) until stopped."""
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    from djinn.kill import redis_client
-
     # No retries inside redis-py: the consumer backs off itself, and a stop must not
     # wait for a client retrying a Redis that is away.
     client = redis_client(

@@ -15,8 +15,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from djinn.config import DriverConfig, WorkerConfig, load_driver_config, load_worker_config
 from djinn.crypto import Cipher
-from djinn.db import make_engine, sessions
-from djinn.store import FileStore
+from djinn.db.engine import make_engine, sessions
+from djinn.runner.store import FileStore
+from djinn.worker.queue import config_paths, make_app
 
 
 @dataclass
@@ -36,7 +37,7 @@ class WorkerContext:
 
     @property
     def fence_after(self) -> float:
-        """Seconds without a heartbeat that landed after which a run stops itself (djinn.lease).
+        """Seconds without a heartbeat that landed after which a run stops itself (djinn.db.lease).
 
         1/8 of orphan_timeout before anyone may call the lease stale, so the old run
         is gone before another worker can start the build again.
@@ -76,8 +77,6 @@ class WorkerContext:
 
     @cached_property
     def app(self) -> Celery:
-        from djinn.queue import make_app
-
         return make_app(self.config)
 
     def close(self) -> None:
@@ -96,8 +95,6 @@ def current() -> WorkerContext:
     with its parent.
     """
     global _current
-    from djinn.queue import config_paths
-
     with _lock:
         if _current is None or _current[0] != os.getpid():
             _current = (os.getpid(), WorkerContext.from_files(*config_paths()))

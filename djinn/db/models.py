@@ -2,7 +2,7 @@
 
 The tables are the Djinn server's own (its `revisions/schema`), with the
 server's types: the `status`, `driver_type`, `trigger_type` and `visibility`
-enums, TIMESTAMP without time zone (UTC wall-clock: djinn.db sets the session
+enums, TIMESTAMP without time zone (UTC wall-clock: djinn.db.engine sets the session
 time zone), VARCHAR and BYTEA where the server has them. The worker adds only
 nullable or defaulted columns to them (the lease on `builds`) and tables of its
 own (`build_job_output`, `build_notifications`), so the Go server keeps working
@@ -15,6 +15,7 @@ all of the server's tables on an empty database.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from typing import Any, Optional
 
 from sqlalchemy import (
@@ -30,6 +31,8 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
+    Uuid,
     func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -38,7 +41,8 @@ from djinn.status import Status
 
 # The server's enum types. They exist before the models are used (the migrations
 # create them), so SQLAlchemy never creates or drops them itself.
-STATUS = Enum(*[s.value for s in Status], name="status", create_type=False)
+# Mapped to the Status enum: rows read back as Status members (a str subclass, so comparing with text still works).
+STATUS = Enum(Status, name="status", values_callable=lambda members: [m.value for m in members], create_type=False)
 DRIVER_TYPE = Enum("ssh", "qemu", "docker", "os", name="driver_type", create_type=False)
 TRIGGER_TYPE = Enum("manual", "push", "pull", "schedule", name="trigger_type", create_type=False)
 VISIBILITY = Enum("private", "internal", "public", name="visibility", create_type=False)
@@ -145,7 +149,7 @@ class Build(Base):
     namespace_id: Mapped[Optional[int]] = mapped_column(ForeignKey("namespaces.id", ondelete="SET NULL"))
     number: Mapped[int] = mapped_column(Integer)
     manifest: Mapped[str] = mapped_column(Text)
-    status: Mapped[Optional[str]] = mapped_column(STATUS, default=Status.QUEUED.value, server_default=Status.QUEUED.value)
+    status: Mapped[Status] = mapped_column(STATUS, default=Status.QUEUED, server_default=Status.QUEUED.value)
     output: Mapped[Optional[str]] = mapped_column(Text)
     secret: Mapped[Optional[str]] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
@@ -198,7 +202,7 @@ class BuildJob(Base):
     name: Mapped[str] = mapped_column(String)
     commands: Mapped[str] = mapped_column(String)
     output: Mapped[Optional[str]] = mapped_column(Text)
-    status: Mapped[Optional[str]] = mapped_column(STATUS, default=Status.QUEUED.value, server_default=Status.QUEUED.value)
+    status: Mapped[Status] = mapped_column(STATUS, default=Status.QUEUED, server_default=Status.QUEUED.value)
     created_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP, server_default=_now())
     started_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP)
     finished_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP)
@@ -321,5 +325,150 @@ class BuildTag(Base):
     created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
 
 
-# The notification tables live in their own module; imported here so they share the metadata.
-from djinn import models_notify  # noqa: E402,F401
+# --- telling people about builds ----------------------------------------
+#
+# Tables for telling people about builds: providers, repositories, namespace webhooks and deliveries.
+#
+# These are the Djinn server's tables (`providers`, `provider_repos`,
+# `namespace_webhooks`, `namespace_webhook_deliveries`), mapped with the server's
+# types. `build_notifications` is the worker's own: one row per build and kind of
+# notification, the marker that makes the failure mail go out exactly once
+# (djinn.notify.mail explains the states).
+#
+# Secrets (provider tokens, webhook secrets) are AES-GCM ciphertext made with the
+# crypto block the server and the worker share (djinn.crypto).
+
+
+class Provider(Base):
+    """A user's connection to GitHub or GitLab: the token commit statuses are set with."""
+
+    __tablename__ = "providers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    provider_user_id: Mapped[Optional[int]] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String)  # github or gitlab
+    # Encrypted (djinn.crypto Cipher.encrypt) OAuth tokens.
+    access_token: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
+    refresh_token: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
+    connected: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    main_account: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    expires_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP)
+
+
+class ProviderRepo(Base):
+    """A repository on a provider; build_triggers.repo_id points here."""
+
+    __tablename__ = "provider_repos"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    provider_id: Mapped[int] = mapped_column(ForeignKey("providers.id"))
+    hook_id: Mapped[Optional[int]] = mapped_column(Integer)
+    # The provider's own id of the repository (GitLab's project id).
+    repo_id: Mapped[int] = mapped_column(Integer)
+    provider_name: Mapped[str] = mapped_column(String)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default="true")
+    # owner/name, as GitHub's API paths want it.
+    name: Mapped[Optional[str]] = mapped_column(String)
+    href: Mapped[Optional[str]] = mapped_column(String)
+
+
+class NamespaceWebhook(Base):
+    """An HTTP endpoint told about a namespace's events (`events` is upstream's bit mask)."""
+
+    __tablename__ = "namespace_webhooks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    author_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id"))
+    payload_url: Mapped[str] = mapped_column(String)
+    # Encrypted HMAC key; None: deliveries are not signed.
+    secret: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
+    # Verify the TLS certificate of an https payload URL.
+    ssl: Mapped[bool] = mapped_column(Boolean, default=True)
+    events: Mapped[int] = mapped_column(Integer)
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default="true")
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+
+
+class NamespaceWebhookDelivery(Base):
+    """One attempt at delivering an event to a webhook, with what came back.
+
+    Every attempt at delivering one event shares its `event_id` (16 random bytes);
+    the primary key is (id, event_id), as the server has it.
+    """
+
+    __tablename__ = "namespace_webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[int] = mapped_column(ForeignKey("namespace_webhooks.id", ondelete="CASCADE"))
+    event_id: Mapped[bytes] = mapped_column(LargeBinary, primary_key=True)
+    error: Mapped[Optional[str]] = mapped_column(String)
+    event: Mapped[int] = mapped_column(Integer)
+    redelivery: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    request_headers: Mapped[Optional[str]] = mapped_column(String)
+    request_body: Mapped[Optional[str]] = mapped_column(String)
+    response_code: Mapped[Optional[int]] = mapped_column(Integer)
+    response_headers: Mapped[Optional[str]] = mapped_column(String)
+    response_body: Mapped[Optional[str]] = mapped_column(String)
+    duration: Mapped[int] = mapped_column(Integer, default=0)  # milliseconds
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+
+    __table_args__ = (Index("ix_namespace_webhook_deliveries_webhook_id_event_id", "webhook_id", "event_id"),)
+
+
+class BuildNotification(Base):
+    """A notification owed for a build, at most one per (build, kind).
+
+    kind `mail`: the failure mail; state pending -> sending -> sent (or skipped,
+    failed). kind `status`: the last build status sent to the commit's provider,
+    in `state`, so a late duplicate is not sent again.
+    """
+
+    __tablename__ = "build_notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(32), default="pending", server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+    updated_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+    sent_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP)
+
+    __table_args__ = (
+        UniqueConstraint("build_id", "kind"),
+        Index("ix_build_notifications_kind_state", "kind", "state"),
+    )
+
+
+class NotificationOutbox(Base):
+    """A commit status or webhook delivery owed for a build event, sent from this record (djinn.notify.outbox).
+
+    state pending -> sending -> sent, back to pending (due later) after a failed
+    attempt, `failed` when the attempts are used up. `body` and `event_id` are
+    the webhook payload fixed when the event happened, so every attempt sends
+    the same bytes.
+    """
+
+    __tablename__ = "notification_outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # status or webhook
+    event: Mapped[str] = mapped_column(String(32))  # build.started or build.finished
+    webhook_id: Mapped[Optional[int]] = mapped_column(ForeignKey("namespace_webhooks.id", ondelete="CASCADE"))
+    event_id: Mapped[Optional[uuid.UUID]] = mapped_column(Uuid)
+    body: Mapped[Optional[str]] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(32), default="pending", server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    due_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+    updated_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP, server_default=_now())
+    sent_at: Mapped[Optional[dt.datetime]] = mapped_column(TIMESTAMP)
+
+    __table_args__ = (Index("ix_notification_outbox_state_due_at", "state", "due_at"),)

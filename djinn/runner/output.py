@@ -8,8 +8,7 @@ busybox ash write a value (found by running them) is masked, not just the raw by
 from __future__ import annotations
 
 import re
-import shlex
-from typing import Iterable, Mapping
+from typing import Iterable
 
 MASK = b"xxxxxx"
 
@@ -20,7 +19,6 @@ _BACKSLASHED_FIRST = frozenset(b"#~")
 _ANSI_C = {0x07: b"\\a", 0x08: b"\\b", 0x09: b"\\t", 0x0A: b"\\n", 0x0B: b"\\v", 0x0C: b"\\f", 0x0D: b"\\r",
            0x1B: b"\\E", 0x5C: b"\\\\", 0x27: b"\\'"}
 _QUOTE_RUN = re.compile(b"'+")
-_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def traced_forms(value: bytes) -> set[bytes]:
@@ -105,7 +103,7 @@ class Masker:
                 if any(len(v) > len(tail) and v.startswith(tail) for v in self._by_first[tail[0]]):
                     cut = start.start()
                     break
-        if cut < len(data):
+        if cut < len(data) and self._pattern is not None:
             # A whole form across the cut is held whole, not split (forms are at most longest_prefix + 1 long).
             for match in self._pattern.finditer(data, max(0, cut - self._longest_prefix)):
                 if match.start() >= cut:
@@ -140,25 +138,3 @@ def job_script(commands: Iterable[str]) -> bytes:
     """The script a job runs: output merged, each command traced into the output."""
     lines = ["#!/bin/sh", "exec 2>&1", "set -ex", *commands]
     return ("\n".join(lines) + "\n").encode()
-
-
-def shell_exports(env: Mapping[str, str]) -> tuple[bytes, list[str]]:
-    """`export K='v'` lines for a file a job's shell sources, and the names a shell cannot set.
-
-    Drivers hand the build environment over in such a file (private to the build)
-    rather than on a command line or in a container's config, where `ps` or
-    `docker inspect` would show masked values.
-    """
-    lines, refused = [], []
-    for key, value in env.items():
-        if _SHELL_NAME.match(key):
-            lines.append(f"export {key}={shlex.quote(str(value))}\n")
-        else:
-            refused.append(key)
-    return "".join(lines).encode("utf-8", "surrogateescape"), refused
-
-
-def refused_names_message(refused: list[str]) -> bytes:
-    """The job output line telling which variables were left out, and why."""
-    names = ", ".join(repr(k) for k in refused)
-    return f"djinn: variables {names} are not shell names (letters, digits, _): jobs do not get them\n".encode()

@@ -1,10 +1,10 @@
-"""Alembic environment: djinn runs migrations on a connection it hands over (djinn.migrate)."""
+"""Alembic environment: djinn runs migrations on a connection it hands over (djinn.db.migrate)."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from djinn.models import Base
+from djinn.db.models import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:

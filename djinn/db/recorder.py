@@ -14,18 +14,19 @@ import datetime as dt
 import logging
 import threading
 import time
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, cast
 
-from sqlalchemy import Engine, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, Table, func, insert, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from djinn.crypto import Hasher, hasher
+from djinn.db.lease import Lease, guard
+from djinn.db.models import Build, BuildArtifact, BuildJobOutput
 from djinn.errors import DjinnError
-from djinn.lease import Lease, guard
-from djinn.models import Build, BuildArtifact, BuildJobOutput
 from djinn.plan import CREATE_DRIVER, JobPlan
-from djinn.runner import Reporter
+from djinn.runner.engine import Reporter
+from djinn.runner.store import FileStore, StoredArtifact
 from djinn.status import Status
-from djinn.store import FileStore, StoredArtifact
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _now() -> dt.datetime:
 #: so a client can wait for a build (LISTEN) instead of polling.
 FINISHED_CHANNEL = "djinn_build_finished"
 
-_OUTPUT = BuildJobOutput.__table__
+_OUTPUT = cast(Table, BuildJobOutput.__table__)
 
 # The writes below run several times a build: plain SQL, one statement shape each,
 # so no statement is built or compiled per call.
@@ -106,7 +107,7 @@ class DatabaseReporter(Reporter):
     ends while PostgreSQL is away does not wait for it before its final write.
 
     Fenced writes: with a `lease`, every batch first checks in the database that
-    the lease still holds (`djinn.lease.guard`), and `allowed()` is asked before
+    the lease still holds (`djinn.db.lease.guard`), and `allowed()` is asked before
     each one; once either says no, nothing more is written.
     """
 
@@ -114,7 +115,7 @@ class DatabaseReporter(Reporter):
         self,
         engine: Engine,
         build_id: int,
-        job_ids: dict[int, int],
+        job_ids: dict[tuple[str, str], int],
         allowed: Callable[[], bool] = lambda: True,
         lease: Lease | None = None,
     ) -> None:
@@ -141,7 +142,7 @@ class DatabaseReporter(Reporter):
 
     def _job_id(self, job: JobPlan) -> int:
         # Keyed by the plan's job objects themselves: two jobs may be equal in every field.
-        return self.job_ids[id(job)]
+        return self.job_ids[job.key]
 
     # -- what the runner reports ------------------------------------------------
 
@@ -184,7 +185,7 @@ class DatabaseReporter(Reporter):
             self._cond.notify_all()
         self._thread.join()
 
-    def finish(self, conn, status: Status, lease: Lease) -> bool:
+    def finish(self, conn: Connection, status: Status, lease: Lease) -> bool:
         """The build's final write, in the caller's transaction, if `lease` still holds the build.
 
         Returns False (having written nothing the caller should keep: roll back) when
@@ -275,7 +276,7 @@ class DatabaseReporter(Reporter):
             sizes = self._write_ops(conn, ops)
         self.sizes = sizes
 
-    def _write_ops(self, conn, ops: list[list[Any]]) -> dict[int, int]:
+    def _write_ops(self, conn: Connection, ops: list[list[Any]]) -> dict[int, int]:
         """Write a batch: all its output in one INSERT, then one UPDATE per job it touches.
 
         Returns the characters of output stored per job once the batch is committed.
@@ -316,7 +317,7 @@ class BuildArtifacts:
         engine: Engine,
         build_id: int,
         user_id: int,
-        job_ids: dict[int, int],
+        job_ids: dict[tuple[str, str], int],
         files: FileStore,
         hashes: Hasher | None = None,
         lease: Lease | None = None,
@@ -331,12 +332,12 @@ class BuildArtifacts:
         self.lease = lease
         self.allowed = allowed
 
-    def _check_lease(self, conn) -> None:
+    def _check_lease(self, conn: Connection) -> None:
         if not self.allowed() or (self.lease is not None and not guard(conn, self.lease)):
             raise DjinnError("the build's lease is gone: artifact not stored")
 
     def store(self, job: JobPlan, name: str, data: BinaryIO) -> StoredArtifact:
-        job_id = self.job_ids[id(job)]
+        job_id = self.job_ids[job.key]
         with self.engine.begin() as conn:
             self._check_lease(conn)
             row = conn.execute(
@@ -364,7 +365,7 @@ class BuildArtifacts:
         return StoredArtifact(name, stored.size, stored.md5, stored.sha256, stored.truncated)
 
 
-def stream_output(sessions, build_id: int, follow: bool = False, poll: float = 0.2) -> Iterator[str]:
+def stream_output(sessions: sessionmaker[Session], build_id: int, follow: bool = False, poll: float = 0.2) -> Iterator[str]:
     """A build's output, in order. With `follow`, waits for more until the build finishes.
 
     While a build runs its output is in build_job_output; once it ends it is moved to

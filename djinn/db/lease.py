@@ -2,13 +2,13 @@
 
 A worker claims a queued build atomically (status, worker, attempt, heartbeat)
 and keeps beating while it runs. A build whose heartbeat went stale belongs to a
-dead worker: the reaper (djinn.reaper, and only it) resets it to a clean state,
+dead worker: the reaper (djinn.worker.reaper, and only it) resets it to a clean state,
 tags it `orphaned` and queues it again, at most MAX_ATTEMPTS times in all.
 
 The guarantees, and what each rests on:
 - one run at a time: a claim only takes a `queued` build, in one UPDATE, so any
   number of messages for one build (re-deliveries, reconciliation) start it once;
-- a run that may have lost its lease stops itself (fencing, djinn.execute): after
+- a run that may have lost its lease stops itself (fencing, djinn.worker.execute): after
   a beat that matched no row, or after `fence_after` (5/8 of orphan_timeout, on
   the monotonic clock, so a frozen process counts the freeze) without a beat
   that landed. That is 1/8 of orphan_timeout before the reaper may call the
@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Callable
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import ColumnElement, Connection, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from djinn.models import Build, BuildArtifact, BuildJob, BuildJobOutput, BuildObject, BuildTag
+from djinn.db.engine import rowcount
+from djinn.db.models import Build, BuildArtifact, BuildJob, BuildJobOutput, BuildObject, BuildTag
+from djinn.runner.store import FileStore
 from djinn.status import Status
 
 MAX_ATTEMPTS = 3
@@ -44,16 +45,16 @@ def claim(session: Session, build_id: int, worker: str) -> Lease | None:
     """Take the queued build for `worker`, or None when it is finished, missing or running.
 
     A running build is never taken over here, even with a stale heartbeat: that is
-    the reaper's, which waits out database outages first (djinn.reaper), so a worker
+    the reaper's, which waits out database outages first (djinn.worker.reaper), so a worker
     whose beats could not land for a while is not mistaken for a dead one. Runs in
     the caller's transaction; the row lock makes concurrent claims wait for each other.
     """
     # The common case, a queued build, in one statement; the rest takes the row lock below.
     claimed = session.execute(
         update(Build)
-        .where(Build.id == build_id, Build.status == Status.QUEUED.value, Build.attempt < MAX_ATTEMPTS)
+        .where(Build.id == build_id, Build.status == Status.QUEUED, Build.attempt < MAX_ATTEMPTS)
         .values(
-            status=Status.RUNNING.value,
+            status=Status.RUNNING,
             worker=worker,
             attempt=Build.attempt + 1,
             heartbeat_at=func.now(),
@@ -66,12 +67,12 @@ def claim(session: Session, build_id: int, worker: str) -> Lease | None:
     if claimed is not None:
         return Lease(build_id, worker, claimed)
     build = session.scalar(select(Build).where(Build.id == build_id).with_for_update())
-    if build is None or build.status != Status.QUEUED.value:
+    if build is None or build.status != Status.QUEUED:
         return None
     if build.attempt >= MAX_ATTEMPTS:
         abandon(session, build, f"the build was started {build.attempt} times and each worker running it died; giving up")
         return None
-    build.status = Status.RUNNING.value
+    build.status = Status.RUNNING
     build.worker = worker
     build.attempt += 1
     build.heartbeat_at = func.now()
@@ -81,24 +82,36 @@ def claim(session: Session, build_id: int, worker: str) -> Lease | None:
     return Lease(build.id, worker, build.attempt)
 
 
-def reset_for_rerun(session: Session, build: Build, on_reset: Callable[[Build], None] | None = None) -> None:
-    """Put an orphaned build back to how it was submitted, tagged `orphaned`."""
-    if on_reset is not None:
-        on_reset(build)
+def reset_for_rerun(session: Session, build: Build, artifacts: FileStore | None, *, orphaned: bool = True) -> None:
+    """Put a build back to how it was submitted, for another run.
+
+    orphaned: its worker died (the reaper): tagged `orphaned`, the attempt stays
+    counted. Otherwise it is a hand-back by a stopping worker: no tag, and the
+    attempt the claim counted is given back. Files the run stored (`artifacts`)
+    are removed with their rows' results, so the rerun starts clean.
+    """
+    if artifacts is not None:
+        for user_id, hash_ in session.execute(
+            select(BuildArtifact.user_id, BuildArtifact.hash).where(BuildArtifact.build_id == build.id)
+        ):
+            artifacts.remove(user_id, hash_)
     session.execute(delete(BuildJobOutput).where(BuildJobOutput.build_id == build.id))
     session.execute(
         update(BuildJob)
         .where(BuildJob.build_id == build.id)
-        .values(status=Status.QUEUED.value, output=None, started_at=None, finished_at=None)
+        .values(status=Status.QUEUED, output=None, started_at=None, finished_at=None)
     )
     session.execute(
         update(BuildArtifact).where(BuildArtifact.build_id == build.id).values(size=None, md5=None, sha256=None)
     )
     session.execute(update(BuildObject).where(BuildObject.build_id == build.id).values(placed=False))
-    has_tag = session.scalar(select(BuildTag.id).where(BuildTag.build_id == build.id, BuildTag.name == ORPHANED_TAG))
-    if has_tag is None:
-        session.add(BuildTag(user_id=build.user_id, build_id=build.id, name=ORPHANED_TAG))
-    build.status = Status.QUEUED.value
+    if orphaned:
+        has_tag = session.scalar(select(BuildTag.id).where(BuildTag.build_id == build.id, BuildTag.name == ORPHANED_TAG))
+        if has_tag is None:
+            session.add(BuildTag(user_id=build.user_id, build_id=build.id, name=ORPHANED_TAG))
+    else:
+        build.attempt = max(build.attempt - 1, 0)
+    build.status = Status.QUEUED
     build.output = None
     build.started_at = None
     build.finished_at = None
@@ -111,14 +124,14 @@ def abandon(session: Session, build: Build, reason: str) -> None:
     """End a build the worker cannot run, saying why, with no job left queued or running."""
     session.execute(
         update(BuildJob)
-        .where(BuildJob.build_id == build.id, BuildJob.status.in_([Status.QUEUED.value, Status.RUNNING.value]))
+        .where(BuildJob.build_id == build.id, BuildJob.status.in_([Status.QUEUED, Status.RUNNING]))
         .values(
-            status=Status.FAILED.value,
+            status=Status.FAILED,
             started_at=func.coalesce(BuildJob.started_at, func.now()),
             finished_at=func.now(),
         )
     )
-    build.status = Status.FAILED.value
+    build.status = Status.FAILED
     build.error = reason
     build.output = (build.output or "") + f"djinn: {reason}\n"
     build.started_at = build.started_at or func.now()
@@ -127,9 +140,9 @@ def abandon(session: Session, build: Build, reason: str) -> None:
     session.flush()
 
 
-def holds(lease: Lease) -> tuple:
+def holds(lease: Lease) -> tuple[ColumnElement[bool], ...]:
     """WHERE conditions true only while `lease` holds its build (with `Build.id == lease.build_id`)."""
-    return (Build.worker == lease.worker, Build.attempt == lease.attempt, Build.status == Status.RUNNING.value)
+    return (Build.worker == lease.worker, Build.attempt == lease.attempt, Build.status == Status.RUNNING)
 
 
 def beat(session: Session, lease: Lease) -> bool:
@@ -137,10 +150,10 @@ def beat(session: Session, lease: Lease) -> bool:
     result = session.execute(
         update(Build).where(Build.id == lease.build_id, *holds(lease)).values(heartbeat_at=func.now())
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
-def guard(conn, lease: Lease) -> bool:
+def guard(conn: Connection, lease: Lease) -> bool:
     """Whether `lease` still holds its build, share-locking the row until the transaction ends.
 
     Taken first in a transaction that writes a running build's rows: the reaper's
@@ -166,7 +179,7 @@ def finished_by(session: Session, lease: Lease, status: Status) -> bool:
     ).first()
     return (
         row is not None
-        and row.status == status.value
+        and row.status == status
         and row.attempt == lease.attempt
         and row.worker is None
         and row.error is None
@@ -184,7 +197,7 @@ def orphans(session: Session, stale_after: dt.timedelta, limit: int = 50) -> lis
     return list(
         session.scalars(
             select(Build)
-            .where(Build.status == Status.RUNNING.value, Build.heartbeat_at < func.now() - stale_after)
+            .where(Build.status == Status.RUNNING, Build.heartbeat_at < func.now() - stale_after)
             .order_by(Build.id)
             .limit(limit)
             .with_for_update(skip_locked=True)

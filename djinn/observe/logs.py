@@ -3,7 +3,7 @@
 Every line is logfmt (`key=value`, values with spaces quoted) so it can be
 read by people and parsed by log shippers alike:
 
-    time=2025-01-02T03:04:05.678Z level=info build=12 job=test.1 process=ForkPoolWorker-1 logger=djinn.execute msg="claimed (attempt 1)"
+    time=2025-01-02T03:04:05.678Z level=info build=12 job=test.1 process=ForkPoolWorker-1 logger=djinn.worker.execute msg="claimed (attempt 1)"
 
 `build` and `job` are there while a build runs: a Celery pool process runs one
 build at a time, so the build a process is running names the build of every
@@ -133,9 +133,9 @@ class ReopeningFileHandler(WatchedFileHandler):
 def setup(level: str, file: str | None) -> logging.Handler:
     """Send every logger's records to `file` (standard error when None) at `level`. Idempotent per process."""
     root = logging.getLogger()
-    for handler in root.handlers:
-        if getattr(handler, "_djinn", False):  # set up already (a pool process inherits it)
-            return handler
+    for existing in root.handlers:
+        if getattr(existing, "_djinn", False):  # set up already (a pool process inherits it)
+            return existing
     if file:
         os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
         handler: logging.Handler = ReopeningFileHandler(file)

@@ -18,9 +18,11 @@ from celery import Task, shared_task
 from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy.exc import OperationalError
 
-from djinn import context
 from djinn.notify import mail, statuses, webhooks
 from djinn.notify.common import DELIVER_WEBHOOK, SEND_ADMIN_MAIL, SEND_FAILURE_MAIL, SET_COMMIT_STATUS, log
+from djinn.notify.outbox import Dispatcher
+from djinn.notify.sweep import Sweeper, sweep
+from djinn.worker import context
 
 # SMTP unreachable or refusing for now, or the database restarting.
 MAIL_RETRY = (OSError, smtplib.SMTPException, OperationalError)
@@ -112,9 +114,6 @@ _dispatcher = None
 def start_notifiers(**_) -> None:
     """Every worker sends due commit statuses and webhooks; workers that mail also sweep for owed mail."""
     global _sweeper, _dispatcher
-    from djinn.notify.outbox import Dispatcher
-    from djinn.notify.sweep import Sweeper, sweep
-
     ctx = context.current()
     _dispatcher = Dispatcher(ctx).start()
     if ctx.config.smtp is None:

@@ -5,22 +5,17 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar, cast
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, CursorResult, Result
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from djinn.config import DatabaseSettings
-from djinn.errors import DjinnError
-
+from djinn.errors import DatabaseError
 
 log = logging.getLogger(__name__)
-
-
-class DatabaseError(DjinnError):
-    """PostgreSQL cannot be reached or refused what the worker asked."""
 
 
 class DatabaseUnavailable(DatabaseError):
@@ -51,7 +46,7 @@ PING_AFTER_IDLE = 1.0
 T = TypeVar("T")
 
 
-def make_engine(settings: DatabaseSettings, *, idle_transaction_timeout: float | None = None, **kwargs) -> Engine:
+def make_engine(settings: DatabaseSettings, *, idle_transaction_timeout: float | None = None, **kwargs: Any) -> Engine:
     """An engine that survives a restarted server without a round trip per checkout.
 
     SQLAlchemy's pool_pre_ping would ping before every use, several times a build.
@@ -80,7 +75,7 @@ def make_engine(settings: DatabaseSettings, *, idle_transaction_timeout: float |
 def _end_idle_transactions(engine: Engine, seconds: float) -> None:
     milliseconds = max(int(seconds * 1000), 1000)
 
-    def on_connect(dbapi_connection, record) -> None:
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
         # A SET per connection rather than a startup option: connection poolers refuse unknown startup options.
         try:
             with dbapi_connection.cursor() as cursor:
@@ -94,10 +89,10 @@ def _end_idle_transactions(engine: Engine, seconds: float) -> None:
 
 
 def _ping_when_idle(engine: Engine) -> None:
-    def mark(dbapi_connection, record) -> None:
+    def mark(dbapi_connection: Any, record: Any) -> None:
         record.info["last_used"] = time.monotonic()
 
-    def checkout(dbapi_connection, record, proxy) -> None:
+    def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         if time.monotonic() - record.info.get("last_used", 0.0) < PING_AFTER_IDLE:
             return
         try:
@@ -195,3 +190,8 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work: committed on success, rolled back on any error."""
     with factory() as session, session.begin():
         yield session
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched (its result is a CursorResult, which the Result type hides)."""
+    return cast(CursorResult[Any], result).rowcount

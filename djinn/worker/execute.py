@@ -3,7 +3,7 @@
 Plain functions with no Celery in them: the task in djinn.tasks.build calls
 `run_build`, and tests can call it too.
 
-Under faults (djinn.lease has the guarantees):
+Under faults (djinn.db.lease has the guarantees):
 - PostgreSQL unreachable at the claim: the claim is tried again with backoff
   for `orphan_timeout` (at least MIN_CLAIM_PATIENCE), then ClaimDeferred tells
   the task to give the message back to the queue; the message is never
@@ -22,26 +22,29 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
-from sqlalchemy import RowMapping, select, text
+from sqlalchemy import RowMapping, text
+from sqlalchemy.orm import Session
 
-from djinn import logs, metrics, notify, shutdown
-from djinn.context import WorkerContext
+from djinn import notify
 from djinn.crypto import hasher
-from djinn.db import DatabaseUnavailable, is_unavailable, retry_while_unavailable, transaction
+from djinn.db.engine import DatabaseUnavailable, is_unavailable, retry_while_unavailable, transaction
+from djinn.db.lease import Lease, abandon, beat, claim, finished_by
+from djinn.db.models import Build
+from djinn.db.recorder import BuildArtifacts, DatabaseReporter
 from djinn.drivers import make_driver
 from djinn.drivers.qemu import user_image_path
 from djinn.errors import DjinnError
-from djinn.kill import KillListener
-from djinn.lease import Lease, abandon, beat, claim, finished_by
 from djinn.manifest import Passthrough
-from djinn.models import Build, BuildArtifact
+from djinn.observe import logs, metrics
 from djinn.plan import BuildPlan, JobPlan, StagePlan
-from djinn.recorder import BuildArtifacts, DatabaseReporter
-from djinn.runner import Key, Runner, Variable
+from djinn.runner.engine import Key, Runner, Variable
+from djinn.runner.store import FileStore, StoreError
 from djinn.status import Status
-from djinn.store import FileStore, StoreError
+from djinn.worker import shutdown
+from djinn.worker.context import WorkerContext
+from djinn.worker.kill import KillListener
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +72,9 @@ class LoadedBuild:
     number: int
     secret: str
     driver_type: str
-    driver_config: dict
+    driver_config: dict[str, Any]
     plan: BuildPlan
-    job_ids: dict[int, int] = field(default_factory=dict)
+    job_ids: dict[tuple[str, str], int] = field(default_factory=dict)
     variables: list[Variable] = field(default_factory=list)
     keys: list[Key] = field(default_factory=list)
     objects: dict[str, tuple[int, str]] = field(default_factory=dict)
@@ -122,9 +125,10 @@ LOAD_BUILD = text(
 )
 
 
-def fetch_build(session, build_id: int) -> RowMapping:
+def fetch_build(session: Session, build_id: int) -> RowMapping:
     """The build's rows as read by LOAD_BUILD, undecoded (see `decode_build`)."""
-    return session.execute(LOAD_BUILD, {"id": build_id}).mappings().one()
+    row: RowMapping = session.execute(LOAD_BUILD, {"id": build_id}).mappings().one()
+    return row
 
 
 def decode_build(ctx: WorkerContext, row: RowMapping) -> LoadedBuild:
@@ -132,10 +136,10 @@ def decode_build(ctx: WorkerContext, row: RowMapping) -> LoadedBuild:
     artifacts: dict[int, list[Passthrough]] = {}
     for a in row["artifacts"] or []:
         artifacts.setdefault(a["job_id"], []).append(Passthrough(a["source"], a["name"]))
-    jobs_by_stage: dict[int, list[dict]] = {}
+    jobs_by_stage: dict[int, list[dict[str, Any]]] = {}
     for job in row["jobs"] or []:
         jobs_by_stage.setdefault(job["stage_id"], []).append(job)
-    job_ids: dict[int, int] = {}
+    job_ids: dict[tuple[str, str], int] = {}
     stages = []
     for stage in row["stages"] or []:
         jobs = []
@@ -146,7 +150,7 @@ def decode_build(ctx: WorkerContext, row: RowMapping) -> LoadedBuild:
                 tuple(job["commands"].split("\n")) if job["commands"] else (),
                 tuple(artifacts.get(job["id"], [])),
             )
-            job_ids[id(plan_job)] = job["id"]
+            job_ids[plan_job.key] = job["id"]
             jobs.append(plan_job)
         stages.append(StagePlan(stage["name"], stage["can_fail"], tuple(jobs)))
     # As the server writes build_objects: `name` is the object's name, `source` where it goes.
@@ -325,7 +329,7 @@ def _run_build(ctx: WorkerContext, build_id: int, run: shutdown.BuildRun) -> Sta
 
     sent_at = [0.0]
 
-    def claim_and_fetch(session) -> tuple[Lease | None, RowMapping | None]:
+    def claim_and_fetch(session: Session) -> tuple[Lease | None, RowMapping | None]:
         sent_at[0] = time.monotonic()  # the claim sets the heartbeat: the lease's clock starts no later
         lease = claim(session, build_id, ctx.name)
         return lease, fetch_build(session, build_id) if lease is not None else None
@@ -399,7 +403,8 @@ def _run_claimed(
     except DjinnError as exc:
         with transaction(ctx.sessions) as session:
             build = session.get(Build, build_id, with_for_update=True)
-            abandon(session, build, f"cannot run the build: {exc}")
+            if build is not None:
+                abandon(session, build, f"cannot run the build: {exc}")
         return Status.FAILED
 
     interrupts = Interrupts()
@@ -436,7 +441,7 @@ def _run_claimed(
             raise _LeaseLost()
         if status is Status.KILLED and interrupts.handed_back:
             # The driver is destroyed (the runner always does); the rows go back to queued.
-            if shutdown.hand_back(ctx, lease, on_reset=lambda session, b: remove_artifact_files(ctx, session, b.id)):
+            if shutdown.hand_back(ctx, lease):
                 raise _HandedBack()
             raise _LeaseLost()  # left running on a lease nobody renews: the reaper requeues it
         # wants_events was checked when the build was loaded: a webhook added while it ran is told from the next build on.
@@ -512,11 +517,3 @@ def _landed_before(ctx: WorkerContext, lease: Lease, status: Status) -> bool:
         )
     except DatabaseUnavailable:
         return False
-
-
-def remove_artifact_files(ctx: WorkerContext, session, build_id: int) -> None:
-    """A rerun starts clean: files the dead attempt stored go."""
-    for user_id, hash_ in session.execute(
-        select(BuildArtifact.user_id, BuildArtifact.hash).where(BuildArtifact.build_id == build_id)
-    ):
-        ctx.artifacts.remove(user_id, hash_)

@@ -1,0 +1,1 @@
+"""What an operator watches: the structured log (logs) and Prometheus metrics (metrics)."""
