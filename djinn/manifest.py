@@ -9,13 +9,14 @@ from pathlib import Path
 
 import yaml
 
+from djinn.config.settings import DRIVERS
 from djinn.errors import ManifestError
 
 # libyaml when present: several times faster on big manifests, and it refuses nesting deeper
 # than 1,000 levels with a YAML error where the pure Python parser runs out of stack.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-DRIVER_TYPES = ("docker", "qemu", "ssh", "os")
+DRIVER_TYPES = DRIVERS
 QEMU_ARCHES = ("x86_64",)
 KEYS = ("namespace", "driver", "env", "objects", "sources", "stages", "allow_failures", "jobs")
 JOB_KEYS = ("stage", "name", "commands", "artifacts")

@@ -17,6 +17,7 @@ from djinn.config import (
     load_driver_config,
     load_worker_config,
     parse_text,
+    split_address,
 )
 from djinn.errors import ConfigError
 
@@ -555,3 +556,31 @@ def test_driver_config_errors():
     assert driver_error("driver ssh {\n\ttimeout 10\n}\n").startswith("driver.conf:2: driver.ssh.timeout: expected a duration")
     assert driver_error('driver "docker"\n').startswith("driver.conf:1: driver: needs a label")
     assert driver_error('driver docker "x"\n') == 'driver.conf:1: driver.docker: expected a block { ... }, got string "x"'
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("db.example", ("db.example", 5432)),
+        ("db.example:6000", ("db.example", 6000)),
+        (":9102", ("", 9102)),
+        ("[::1]:6379", ("::1", 6379)),
+        ("[::1]", ("::1", 5432)),
+        ("::1", ("::1", 5432)),
+    ],
+)
+def test_split_address_reads_every_form_the_configs_use(text, expected):
+    assert split_address(text, 5432) == expected
+
+
+@pytest.mark.parametrize("text", ["db:0", "db:70000", "db:x", "[::1", "[::1]x"])
+def test_split_address_refuses_bad_ports_and_brackets(text):
+    with pytest.raises(ValueError):
+        split_address(text, 5432)
+
+
+def test_a_bad_database_address_is_a_config_error_at_its_line(tmp_path):
+    path = tmp_path / "worker.conf"
+    path.write_text('driver "os"\nqueue "builds_os"\ndatabase {\n\taddr "db:99999"\n}\n')
+    with pytest.raises(ConfigError, match=r"worker.conf:4.*database.addr.*not an address"):
+        load_worker_config(str(path))

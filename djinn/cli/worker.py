@@ -39,7 +39,7 @@ from djinn.cli import (
     variable_pairs,
     warn,
 )
-from djinn.config import DriverConfig, WorkerConfig, load_driver_config, load_worker_config
+from djinn.config import DriverConfig, WorkerConfig, driver_kind, load_driver_config, load_worker_config
 from djinn.errors import ConfigError, DjinnError
 
 PROG = "djinn-worker"
@@ -75,7 +75,7 @@ def load_configs(config_path: str, driver_path: str) -> tuple[WorkerConfig, Driv
     """Both config files, with every error raised as ConfigError naming file and line."""
     worker = load_worker_config(config_path)
     drivers = load_driver_config(driver_path)
-    kind = "qemu" if worker.driver == "qemu-x86_64" else worker.driver
+    kind = driver_kind(worker.driver)
     if kind != "os" and kind not in drivers.configured:
         raise ConfigError(f"{driver_path}: the worker's driver is {worker.driver!r} but this file has no 'driver {kind}' block")
     return worker, drivers
@@ -111,7 +111,7 @@ def run_daemon(config_path: str, driver_path: str, worker: WorkerConfig, drivers
         redis_client(worker.redis, socket_connect_timeout=5, socket_timeout=5).ping()
     except redis.RedisError as exc:
         raise DjinnError(f"cannot connect to Redis at {worker.redis.addr}: {exc}") from None
-    kind = "qemu" if worker.driver == "qemu-x86_64" else worker.driver
+    kind = driver_kind(worker.driver)
     driver_class(kind).check(drivers.settings_for(kind))
 
     # Pool processes and `celery -A djinn` read the same files through these.

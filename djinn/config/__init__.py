@@ -31,9 +31,11 @@ from djinn.config.settings import (
     WorkerConfig,
     decode_driver,
     decode_worker,
+    driver_kind,
     load_driver_config,
     load_worker_config,
     queue_for_driver,
+    split_address,
 )
 
 __all__ = [
@@ -59,6 +61,7 @@ __all__ = [
     "WorkerConfig",
     "decode_driver",
     "decode_worker",
+    "driver_kind",
     "load_driver_config",
     "load_worker_config",
     "parse_duration",
@@ -66,4 +69,5 @@ __all__ = [
     "parse_size",
     "parse_text",
     "queue_for_driver",
+    "split_address",
 ]

@@ -174,6 +174,12 @@ def parse_duration(text: str) -> datetime.timedelta:
     return -delta if text.startswith("-") else delta
 
 
+def format_duration(seconds: float) -> str:
+    """Seconds as the config language writes a duration, to a tenth: 90.25 -> "1m30.2s"."""
+    minutes, secs = divmod(round(seconds, 1), 60)
+    return f"{int(minutes)}m{secs:g}s" if minutes else f"{secs:g}s"
+
+
 def parse_size(text: str) -> Size:
     """`50MB` as a number of bytes (1024-based units, like upstream). Raises ConfigError."""
     text = text.strip()

@@ -54,6 +54,8 @@ __all__ = [
     "TLSSettings",
     "WorkerConfig",
     "DRIVERS",
+    "driver_kind",
+    "split_address",
     "LOG_LEVELS",
     "WORKER_DRIVERS",
     "decode_driver",
@@ -80,6 +82,39 @@ MAX_PARALLELISM = (1 << 31) - 1
 # Upstream's dist/driver.conf uses 60s; upstream code has no default at all.
 DEFAULT_SSH_TIMEOUT = datetime.timedelta(seconds=60)
 MIB = 1 << 20
+
+
+def split_address(address: str, default_port: int | None = None) -> tuple[str, int]:
+    """`host`, `host:port`, `[v6]:port` or `[v6]` as (host, port); the host may be empty (`:port`).
+
+    A bare host gets `default_port`; without one the port is required. Raises
+    ValueError saying what is wrong, for the caller to put in its own words.
+    """
+    text = address.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError("missing ']'")
+        host, rest = text[1:end], text[end + 1:]
+        if rest and not rest.startswith(":"):
+            raise ValueError("expected [host]:port")
+        port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:  # a bare name, or a bare IPv6 address
+        host, port = text, ""
+    if not port:
+        if default_port is None:
+            raise ValueError("expected host:port")
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"the port must be a number from 1 to 65535, not {port!r}")
+    return host, int(port)
+
+
+def driver_kind(driver: str) -> str:
+    """The driver a worker's `driver` names: qemu-x86_64 (the queue's arch) is the qemu driver."""
+    return "qemu" if driver == "qemu-x86_64" else driver
 
 
 def queue_for_driver(driver: str) -> str:
@@ -299,7 +334,7 @@ class DriverConfig:
         Meant to be merged under a manifest's driver map; includes secrets (the driver
         needs them) and keeps typed values (timedelta, int).
         """
-        name = "qemu" if driver_type == "qemu-x86_64" else driver_type
+        name = driver_kind(driver_type)
         if name not in DRIVERS:
             raise ConfigError(f"unknown driver type {driver_type!r} (expected one of: {', '.join(WORKER_DRIVERS)})")
         settings = getattr(self, name)
@@ -426,6 +461,15 @@ class _Section:
         if not isinstance(value, str):
             raise self.error(key, f"expected a string, got {_describe(value)}")
         return value
+
+    def address(self, value: Any, key: str) -> str:
+        """host, host:port or [v6]:port (the port has a default where one is used)."""
+        text = self.nonempty_string(value, key)
+        try:
+            split_address(text, 0)
+        except ValueError as exc:
+            raise self.error(key, f"{quoted(text)} is not an address: {exc}") from None
+        return text
 
     def nonempty_string(self, value: Any, key: str) -> str:
         value = self.string(value, key)
@@ -577,7 +621,7 @@ def _decode_database(top: _Section) -> DatabaseSettings:
     tls = _decode_tls(sec, "tls" if "tls" in sec.values else "ssl")
     default = DatabaseSettings()
     return DatabaseSettings(
-        addr=sec.get("addr", sec.nonempty_string, default.addr),
+        addr=sec.get("addr", sec.address, default.addr),
         name=sec.get("name", sec.nonempty_string, default.name),
         username=sec.get("username", sec.nonempty_string, default.username),
         password=sec.get("password", sec.string, default.password),
@@ -591,7 +635,7 @@ def _decode_redis(top: _Section) -> RedisSettings:
         return RedisSettings()
     sec.check_keys(("addr", "password"))
     password = sec.get("password", sec.string, None)
-    return RedisSettings(sec.get("addr", sec.nonempty_string, RedisSettings.addr), password or None)
+    return RedisSettings(sec.get("addr", sec.address, RedisSettings.addr), password or None)
 
 
 def _decode_smtp(top: _Section) -> SMTPSettings | None:
@@ -600,7 +644,7 @@ def _decode_smtp(top: _Section) -> SMTPSettings | None:
         return None
     sec.check_keys(("addr", "ca", "admin", "username", "password"))
     return SMTPSettings(
-        addr=sec.get("addr", sec.nonempty_string),
+        addr=sec.get("addr", sec.address),
         admin=sec.get("admin", sec.nonempty_string),
         ca=sec.get("ca", sec.string, None),
         username=sec.get("username", sec.string, None),

@@ -12,7 +12,7 @@ from sqlalchemy.engine import URL, CursorResult, Result
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from djinn.config import DatabaseSettings
+from djinn.config import DatabaseSettings, split_address
 from djinn.errors import DatabaseError
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ class DatabaseUnavailable(DatabaseError):
 
 
 def database_url(settings: DatabaseSettings) -> URL:
-    host, _, port = settings.addr.rpartition(":") if ":" in settings.addr else (settings.addr, "", "")
+    host, port = split_address(settings.addr, 5432)
     query: dict[str, str] = {}
     if settings.tls is not None:
         query["sslmode"] = "verify-full" if settings.tls.ca else "require"
@@ -35,7 +35,7 @@ def database_url(settings: DatabaseSettings) -> URL:
         username=settings.username or None,
         password=settings.password or None,
         host=host or "localhost",
-        port=int(port) if port else None,
+        port=port,
         database=settings.name,
         query=query,
     )

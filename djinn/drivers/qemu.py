@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping
 
+from djinn.config.language import format_duration
 from djinn.drivers import leftovers
 from djinn.drivers.base import Driver, Output
 from djinn.drivers.ssh import SSHDriver, parse_timeout
@@ -182,10 +183,6 @@ def _opt(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds, 1), 60)
-    return f"{int(minutes)}m{secs:g}s" if minutes else f"{secs:g}s"
-
 
 class QEMUDriver(Driver):
     """One VM per build, its jobs run through an SSHDriver session (composition, as upstream)."""
@@ -253,7 +250,7 @@ class QEMUDriver(Driver):
             self._kill_vm()  # a VM that did not come up is of no use; destroy() removes the rest
             raise
         log(
-            f"Established SSH connection to machine as {self.ssh.user} after {_duration(time.monotonic() - started)} "
+            f"Established SSH connection to machine as {self.ssh.user} after {format_duration(time.monotonic() - started)} "
             f"(port {self.port})...\n".encode()
         )
 
@@ -272,7 +269,7 @@ class QEMUDriver(Driver):
             self._check_alive()
             if time.monotonic() >= deadline:
                 raise DriverError(
-                    f"the machine did not let us in over SSH within {_duration(self.boot_timeout)}: {exc}"
+                    f"the machine did not let us in over SSH within {format_duration(self.boot_timeout)}: {exc}"
                     f"{self._log_tail()}"
                 ) from None
             raise DriverError(f"{exc}{self._log_tail()}") from None

@@ -54,7 +54,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Mapping, cast
 
 import paramiko
 
-from djinn.config.language import parse_duration
+from djinn.config.language import format_duration, parse_duration
 from djinn.drivers.base import Driver, Output
 from djinn.drivers.environment import refused_names_message, shell_exports
 from djinn.errors import DjinnError, DriverError
@@ -138,10 +138,6 @@ def parse_timeout(value: Any, what: str = "timeout") -> float:
         raise DriverError(f"ssh driver {what}: must be a positive duration, got {value!r}")
     return seconds
 
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds, 1), 60)
-    return f"{int(minutes)}m{secs:g}s" if minutes else f"{secs:g}s"
 
 
 def _q(text: str) -> str:
@@ -270,7 +266,7 @@ class SSHDriver(Driver):
                 self._cancelled.wait(pause)
 
     def _connect_error(self, last: Exception | None, waited: float) -> DriverError:
-        within = _duration(waited)
+        within = format_duration(waited)
         if isinstance(last, _AuthFailed):
             return DriverError(
                 f"could not log in to {self.address} as {self.user} within {within}: {last}; "

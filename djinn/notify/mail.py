@@ -41,7 +41,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from djinn.config import SMTPSettings
+from djinn.config import SMTPSettings, split_address
 from djinn.db.engine import rowcount, transaction
 from djinn.db.models import Build, BuildJobOutput, BuildKey, BuildNotification, BuildTrigger, BuildVariable, NamespaceCollaborator, User
 from djinn.notify.common import build_url, host, log
@@ -189,10 +189,10 @@ def compose_failure_mail(
 
 
 def _split_addr(addr: str) -> tuple[str, int]:
-    host_, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        return addr.strip("[]"), 25
-    return host_.strip("[]"), int(port)
+    try:
+        return split_address(addr, 25)
+    except ValueError:  # checked when the config was read; whatever it is, the server refuses it
+        return addr, 25
 
 
 def connect(settings: SMTPSettings, *, timeout: float = SMTP_TIMEOUT, implicit_tls: bool | None = None) -> smtplib.SMTP:

@@ -25,42 +25,47 @@ from contextlib import contextmanager
 from logging.handlers import WatchedFileHandler
 from typing import Iterator
 
+from djinn.runner import control
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR}
 
-_state_lock = threading.Lock()
-_builds: dict[int, str | None] = {}  # build id -> job running now, for the builds this process runs
 _local = threading.local()
 
 
 @contextmanager
 def build_context(build_id: int) -> Iterator[None]:
-    """Lines logged while the block runs carry `build=<build_id>` (and the job set by set_job)."""
-    with _state_lock:
-        _builds[build_id] = None
+    """Lines this thread logs while the block runs carry `build=<build_id>` (and the run's job)."""
     previous = getattr(_local, "build", None)
     _local.build = build_id
     try:
         yield
     finally:
         _local.build = previous
-        with _state_lock:
-            _builds.pop(build_id, None)
 
 
 def set_job(build_id: int, job: str | None) -> None:
     """The job of `build_id` that runs now (None between jobs)."""
-    with _state_lock:
-        if build_id in _builds:
-            _builds[build_id] = job
+    run = control.find(build_id)
+    if run is not None:
+        run.job = job
 
 
 def current() -> tuple[int | None, str | None]:
-    """The build and job a line logged by this thread belongs to, as far as is known."""
+    """The build and job a line logged by this thread belongs to, as far as is known.
+
+    Other threads of a run (heartbeat, kill listener) log for the one build this
+    process runs, when it runs just one.
+    """
     build = getattr(_local, "build", None)
-    with _state_lock:
-        if build is None and len(_builds) == 1:
-            build = next(iter(_builds))
-        return build, _builds.get(build) if build is not None else None
+    if build is None:
+        going = control.runs()
+        if len(going) != 1:
+            return None, None
+        run: control.RunControl | None = going[0]
+        build = going[0].build_id
+    else:
+        run = control.find(build)
+    return build, run.job if run is not None else None
 
 
 class ContextFilter(logging.Filter):

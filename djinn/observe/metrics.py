@@ -41,7 +41,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 
 from djinn import __version__
-from djinn.config import WorkerConfig
+from djinn.config import WorkerConfig, split_address
 from djinn.errors import DatabaseError, DjinnError, DriverError
 from djinn.observe import logs
 from djinn.plan import CREATE_DRIVER, JobPlan
@@ -206,11 +206,11 @@ class ObservingReporter(Reporter):
 
 def parse_address(value: str) -> tuple[str, int]:
     """`host:port`, `:port` (every interface) or `[v6]:port`."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise DjinnError(f'metrics "{value}": expected a listen address HOST:PORT, e.g. "127.0.0.1:9102"')
-    host = host.strip("[]")
-    return host or "0.0.0.0", int(port)
+    try:
+        host, port = split_address(value)
+    except ValueError:
+        raise DjinnError(f'metrics "{value}": expected a listen address HOST:PORT, e.g. "127.0.0.1:9102"') from None
+    return host or "0.0.0.0", port
 
 
 class Exporter:

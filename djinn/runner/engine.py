@@ -12,10 +12,12 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from djinn.config.language import format_duration
 from djinn.drivers.base import Driver
 from djinn.errors import DjinnError
 from djinn.paths import plain_file_name
 from djinn.plan import BuildPlan, JobPlan
+from djinn.runner.control import RunControl, Stop
 from djinn.runner.output import Masker, job_script
 from djinn.runner.store import ArtifactStore, ObjectStore, StoredArtifact
 from djinn.status import Status
@@ -63,7 +65,7 @@ class Reporter:
 
 
 class Runner:
-    """Runs one build once. `cancel` may be called from any thread (kill, shutdown)."""
+    """Runs one build once; its RunControl (or `cancel`, from any thread) stops it."""
 
     def __init__(
         self,
@@ -77,6 +79,7 @@ class Runner:
         reporter: Reporter | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         create_timeout: float = CREATE_TIMEOUT,
+        control: RunControl | None = None,
     ) -> None:
         self.plan = plan
         self.driver = driver
@@ -92,8 +95,8 @@ class Runner:
         #: SCRIPT, DRIVER or SYSTEM: what made the build `failed`; None while nothing did.
         self.failure: str | None = None
         self._secrets = [v.value for v in self.variables if v.masked] + [k.key for k in self.keys]
-        self._lock = threading.Lock()
-        self._interrupted: Status | None = None
+        self.control = control or RunControl()
+        self.control.on_stop(driver.cancel)
         self._create_expired = False
 
     @property
@@ -101,30 +104,26 @@ class Runner:
         return {v.key: v.value for v in self.variables}
 
     def cancel(self, status: Status = Status.KILLED) -> None:
-        """Stop the build: the running job and the build end with `status`."""
-        with self._lock:
-            if self._interrupted is not None:
-                return
-            self._interrupted = status
-        self.driver.cancel()
+        """Stop the build: the running job and the build end with `status` (killed or timed_out)."""
+        self.control.stop(Stop.TIMED_OUT if status is Status.TIMED_OUT else Stop.KILLED)
 
     def run(self) -> Status:
         jobs = [(job, stage.can_fail) for stage in self.plan.stages for job in stage.jobs]
         results: list[Status] = []
         self.reporter.build_started()
-        timer = threading.Timer(self.timeout, self.cancel, args=(Status.TIMED_OUT,))
+        timer = threading.Timer(self.timeout, self.control.stop, args=(Stop.TIMED_OUT,))
         timer.daemon = True
         timer.start()
         try:
             results.append(self._create(jobs[0][0]))
             for job, can_fail in jobs[1:]:
-                if max(results) >= Status.FAILED or self._interrupted is not None:
+                if max(results) >= Status.FAILED or self.control.stopped:
                     break
                 results.append(self._run_job(job, can_fail))
         finally:
             timer.cancel()
             self._destroy()
-        final = max([*results, self._interrupted or Status.PASSED])
+        final = max([*results, self.control.status or Status.PASSED])
         for job, _ in jobs[len(results):]:
             self.reporter.job_finished(job, final, ran=False)
         self.reporter.build_finished(final)
@@ -153,7 +152,7 @@ class Runner:
         cause = DRIVER
         try:
             self.driver.create(self.env, write)
-            if self._interrupted is None:
+            if not self.control.stopped:
                 self._place(write)
         except DjinnError as exc:
             write(f"djinn: {exc}\n".encode())
@@ -164,10 +163,10 @@ class Runner:
             status, cause = Status.FAILED, SYSTEM
         finally:
             timer.cancel()
-        if self._create_expired and self._interrupted is None:
-            write(f"djinn: driver creation did not finish within {_duration(self.create_timeout)}\n".encode())
+        if self._create_expired and not self.control.stopped:
+            write(f"djinn: driver creation did not finish within {format_duration(self.create_timeout)}\n".encode())
             status = Status.FAILED
-        status = max(status, self._interrupted or Status.PASSED)
+        status = max(status, self.control.status or Status.PASSED)
         if status is Status.FAILED:
             self.failure = self.failure or cause
         self._finish_output(job, masker)
@@ -207,15 +206,16 @@ class Runner:
             self.error = exc
             write(f"\ndjinn: internal error running the job: {exc!r}\n".encode())
             code, cause = -1, SYSTEM
-        if self._interrupted is not None:
-            status = self._interrupted
+        interrupted = self.control.status
+        if interrupted is not None:
+            status = interrupted
         elif code == 0:
             status = Status.PASSED
         else:
             status = Status.PASSED_WITH_FAILURES if can_fail else Status.FAILED
         if status is Status.FAILED:
             self.failure = self.failure or cause
-        if self._interrupted is None:
+        if not self.control.stopped:
             self._collect(job, write)
         self._finish_output(job, masker)
         self.reporter.job_finished(job, status, ran=True)
@@ -257,7 +257,3 @@ class Runner:
         if tail:
             self.reporter.job_output(job, tail)
 
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(seconds, 60)
-    return f"{int(minutes)}m{secs:g}s" if minutes else f"{secs:g}s"

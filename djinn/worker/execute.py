@@ -39,6 +39,8 @@ from djinn.errors import DjinnError
 from djinn.manifest import Passthrough
 from djinn.observe import logs, metrics
 from djinn.plan import BuildPlan, JobPlan, StagePlan
+from djinn.runner import control
+from djinn.runner.control import RunControl, Stop
 from djinn.runner.engine import Key, Runner, Variable
 from djinn.runner.store import FileStore, StoreError
 from djinn.status import Status
@@ -287,43 +289,18 @@ class Heartbeat:
             next_at = sent + self.interval
 
 
-KILL = "kill"
-HAND_BACK = "hand-back"
-FENCED = "fenced"
-
-
-class Interrupts:
-    """Why the runner was stopped, in order: a hand-back must not turn a kill into a rerun."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.reasons: list[str] = []
-        self.runner: Runner | None = None
-
-    def cancel(self, reason: str) -> None:
-        with self._lock:
-            self.reasons.append(reason)
-            runner = self.runner
-        if runner is not None:
-            runner.cancel(Status.KILLED)
-
-    @property
-    def handed_back(self) -> bool:
-        """The run ended because the worker is stopping (and not because someone killed it)."""
-        return bool(self.reasons) and self.reasons[0] == HAND_BACK and KILL not in self.reasons
-
-
 def run_build(ctx: WorkerContext, build_id: int) -> Status | None:
     """Run build `build_id` if this worker can claim it; returns its final status, or None if not run.
 
     None also when the worker stopped and handed the build back to be rerun elsewhere.
     """
-    with logs.build_context(build_id), shutdown.track(build_id) as run:
+    shutdown.take_over_sigterm()
+    with logs.build_context(build_id), control.running(build_id) as run:
         return _run_build(ctx, build_id, run)
 
 
-def _run_build(ctx: WorkerContext, build_id: int, run: shutdown.BuildRun) -> Status | None:
-    if run.handed_back:
+def _run_build(ctx: WorkerContext, build_id: int, run: RunControl) -> Status | None:
+    if run.requested(Stop.HANDED_BACK):
         shutdown.requeue_unclaimed(ctx, build_id)
         return None
 
@@ -339,7 +316,7 @@ def _run_build(ctx: WorkerContext, build_id: int, run: shutdown.BuildRun) -> Sta
             ctx.sessions,
             claim_and_fetch,
             patience=max(MIN_CLAIM_PATIENCE, ctx.config.orphan_timeout.total_seconds()),
-            stop=lambda: run.handed_back,
+            stop=lambda: run.requested(Stop.HANDED_BACK),
             what=f"build {build_id}: claim",
         )
     except DatabaseUnavailable as exc:
@@ -384,7 +361,7 @@ def _run_claimed(
     build_id: int,
     lease: Lease,
     claimed_at: float,
-    run: shutdown.BuildRun,
+    run: RunControl,
     row: RowMapping,
     outcome: metrics.Outcome,
 ) -> Status:
@@ -407,8 +384,7 @@ def _run_claimed(
                 abandon(session, build, f"cannot run the build: {exc}")
         return Status.FAILED
 
-    interrupts = Interrupts()
-    heartbeat = Heartbeat(ctx, lease, claimed_at, lambda: interrupts.cancel(FENCED))
+    heartbeat = Heartbeat(ctx, lease, claimed_at, lambda: run.stop(Stop.LEASE_LOST))
     reporter = DatabaseReporter(ctx.engine, build_id, loaded.job_ids, heartbeat.valid, lease)
     runner = Runner(
         loaded.plan,
@@ -421,11 +397,10 @@ def _run_claimed(
         ),
         reporter=metrics.ObservingReporter(reporter, build_id, ctx.config.driver),
         timeout=ctx.config.timeout.total_seconds(),
+        control=run,
     )
-    interrupts.runner = runner
     heartbeat.start()
-    listener = KillListener(ctx.config.redis, build_id, loaded.secret, lambda: interrupts.cancel(KILL)).start()
-    run.attach(lambda: interrupts.cancel(HAND_BACK))
+    listener = KillListener(ctx.config.redis, build_id, loaded.secret, lambda: run.stop(Stop.KILLED)).start()
     try:
         try:
             status = runner.run()
@@ -437,9 +412,9 @@ def _run_claimed(
             log.error("build %s: internal error: %r", build_id, runner.error)
             metrics.error(runner.error)
             notify.on_worker_error(ctx, build_id, runner.error)
-        if heartbeat.fenced:
+        if run.lease_lost:
             raise _LeaseLost()
-        if status is Status.KILLED and interrupts.handed_back:
+        if status is Status.KILLED and run.handed_back:
             # The driver is destroyed (the runner always does); the rows go back to queued.
             if shutdown.hand_back(ctx, lease):
                 raise _HandedBack()
@@ -463,7 +438,7 @@ def _final_write(
     reporter: DatabaseReporter,
     status: Status,
     lease: Lease,
-    run: shutdown.BuildRun,
+    run: RunControl,
     events: WorkerContext | None = None,
 ) -> bool:
     """Write the build's final rows, again with backoff while PostgreSQL is away; whether they landed.
@@ -498,7 +473,7 @@ def _final_write(
             if not is_unavailable(exc):
                 raise
             failures += 1
-            if run.handed_back or time.monotonic() + delay > deadline:
+            if run.requested(Stop.HANDED_BACK) or time.monotonic() + delay > deadline:
                 log.error(
                     "build %s: final write not possible (%s); the build is rerun once its lease is stale", lease.build_id, exc
                 )

@@ -19,7 +19,7 @@ import redis
 from sqlalchemy import func, update
 from sqlalchemy.orm import Session
 
-from djinn.config import RedisSettings
+from djinn.config import RedisSettings, split_address
 from djinn.db.models import Build, BuildJob
 from djinn.status import Status
 
@@ -74,8 +74,8 @@ def settle_queued_kill(session: Session, build_id: int) -> bool:
 
 
 def redis_client(settings: RedisSettings, **kwargs: Any) -> redis.Redis[bytes]:
-    host, _, port = settings.addr.rpartition(":")
-    return redis.Redis(host=host or "localhost", port=int(port or 6379), password=settings.password or None, **kwargs)
+    host, port = split_address(settings.addr, 6379)
+    return redis.Redis(host=host or "localhost", port=port, password=settings.password or None, **kwargs)
 
 
 def publish_kill(settings: RedisSettings, build_id: int, secret: str) -> int:

@@ -41,6 +41,7 @@ from typing import Any, Iterable, Iterator
 import redis
 from sqlalchemy import func, select
 
+from djinn.config import driver_kind
 from djinn.db.engine import is_unavailable, transaction
 from djinn.db.lease import MAX_ATTEMPTS, abandon, orphans, reset_for_rerun
 from djinn.db.models import Build, BuildDriver
@@ -186,7 +187,7 @@ def sweep_leftovers(ctx: WorkerContext) -> list[str]:
     processes still running in them, qemu: VMs and their overlay directories,
     each when the worker process that made them is gone (djinn.drivers.leftovers).
     """
-    kind = "qemu" if ctx.config.driver == "qemu-x86_64" else ctx.config.driver
+    kind = driver_kind(ctx.config.driver)
     # Each driver module loads its own client library (docker, paramiko): only this worker's is imported.
     if kind == "docker":
         from djinn.drivers.docker import sweep

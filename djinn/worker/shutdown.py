@@ -33,8 +33,7 @@ import os
 import queue
 import signal
 import threading
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from celery import signals as celery_signals
 from celery.worker import state as celery_state
@@ -43,6 +42,8 @@ from djinn.db.engine import transaction
 from djinn.db.lease import Lease, held, reset_for_rerun
 from djinn.db.models import Build
 from djinn.observe import logs
+from djinn.runner import control
+from djinn.runner.control import Stop
 from djinn.status import Status
 from djinn.worker.context import WorkerContext
 from djinn.worker.queue import requeue
@@ -56,64 +57,20 @@ HANDING_BACK = "handing_back"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class BuildRun:
-    """A build this process runs; `request()` (any thread) stops it so that another worker reruns it."""
-
-    def __init__(self, build_id: int) -> None:
-        self.build_id = build_id
-        self._lock = threading.Lock()
-        self._cancel: Callable[[], None] | None = None
-        self.handed_back = False
-
-    def attach(self, cancel: Callable[[], None]) -> None:
-        """What stops the run; called at once if a hand-back was asked for already."""
-        with self._lock:
-            self._cancel = cancel
-            requested = self.handed_back
-        if requested:
-            cancel()
-
-    def request(self) -> None:
-        with self._lock:
-            if self.handed_back:
-                return
-            self.handed_back = True
-            cancel = self._cancel
-        log.warning("build %s: the worker is stopping: handing the build back to be run by another worker", self.build_id)
-        if cancel is not None:
-            cancel()
-
-
-_runs_lock = threading.Lock()
-_runs: dict[int, BuildRun] = {}
-
-
-@contextmanager
-def track(build_id: int) -> Iterator[BuildRun]:
-    """Register a build run by this process for as long as the block runs."""
-    _install_child_handlers()
-    run = BuildRun(build_id)
-    with _runs_lock:
-        _runs[build_id] = run
-    try:
-        yield run
-    finally:
-        with _runs_lock:
-            _runs.pop(build_id, None)
-
-
 def running_builds() -> list[int]:
-    with _runs_lock:
-        return sorted(_runs)
+    return [run.build_id for run in control.runs() if run.build_id is not None]
 
 
 def request_hand_back() -> list[int]:
     """Hand back every build this process runs now; returns their ids."""
-    with _runs_lock:
-        runs = list(_runs.values())
-    for run in runs:
-        run.request()
-    return [run.build_id for run in runs]
+    handed = []
+    for run in control.runs():
+        if not run.requested(Stop.HANDED_BACK):
+            log.warning("build %s: the worker is stopping: handing the build back to be run by another worker", run.build_id)
+        run.stop(Stop.HANDED_BACK)
+        if run.build_id is not None:
+            handed.append(run.build_id)
+    return handed
 
 
 # -- the per-process event thread -------------------------------------------------
@@ -166,7 +123,7 @@ def mark_pool_process() -> None:
     _start_dispatcher()
 
 
-def _install_child_handlers() -> None:
+def take_over_sigterm() -> None:
     """Take over SIGTERM in a pool process, from the thread that runs builds.
 
     Not at worker_process_init: billiard installs its own handlers for SIGTERM
@@ -186,7 +143,7 @@ def _install_child_handlers() -> None:
 
 
 def _child_sigterm(signum: int, frame: Any) -> None:
-    if not _runs:
+    if not control.runs():
         # Idle: end the way a pool process ends on SIGTERM (billiard's handler, or the default).
         if callable(_previous_term):
             _previous_term(signum, frame)
@@ -273,7 +230,7 @@ def _active_requests() -> int:
     try:
         return len(celery_state.active_requests)
     except Exception:
-        return len(_runs)
+        return len(control.runs())
 
 
 # -- giving a build back -------------------------------------------------------
