@@ -128,6 +128,46 @@ def _seconds(delta: datetime.timedelta) -> int:
     return int(round(delta.total_seconds()))
 
 
+# --- declaring settings -----------------------------------------------------
+
+#: How a field's written value is decoded: a _Section check by name ("string",
+#: "address", "duration", ...) or a function (section, value, key).
+Check = Any
+
+
+def setting(default: Any = dataclasses.MISSING, *, check: Check = "string", secret: bool = False) -> Any:
+    """A settings field that is also a key of its config block, declared once.
+
+    The block's allowed keys, the decoding (`decode_fields`) and what the CLIs may
+    print (`public_view`) all come from these fields. A `secret` is hidden from
+    repr() and shown only as whether it is set (`<name>_set`).
+    """
+    return field(default=default, repr=not secret, metadata={"check": check, "secret": secret})
+
+
+def config_keys(cls: type) -> tuple[str, ...]:
+    """The keys a settings block takes: its fields declared with `setting`."""
+    return tuple(f.name for f in dataclasses.fields(cls) if "check" in f.metadata)
+
+
+def public_view(settings: Any) -> dict[str, Any]:
+    """A settings object's keys, JSON-able and safe to print: secrets only as `<name>_set`."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        if "check" not in f.metadata:
+            continue
+        value = getattr(settings, f.name)
+        if f.metadata["secret"]:
+            out[f"{f.name}_set"] = bool(value)
+        elif isinstance(value, datetime.timedelta):
+            out[f.name] = _seconds(value)
+        elif dataclasses.is_dataclass(value):
+            out[f.name] = public_view(value)
+        else:
+            out[f.name] = value
+    return out
+
+
 # --- settings ---------------------------------------------------------------
 
 
@@ -137,61 +177,72 @@ class LogSettings:
     file: str | None = None  # None: standard error
 
 
+def _crypto_block(sec: _Section, value: Any, key: str) -> str:
+    block = sec.string(value, key)
+    if len(block.encode()) not in (16, 24, 32):
+        raise sec.error(key, "must be 16, 24 or 32 characters long")
+    return block
+
+
+def _set_or_none(sec: _Section, value: Any, key: str) -> str | None:
+    return sec.string(value, key) or None
+
+
 @dataclass(frozen=True)
 class ProviderSettings:
-    name: str
-    endpoint: str
-    oauth2_endpoint: str | None = None
+    name: str  # the block's label
+    endpoint: str = setting(check="nonempty_string")  # default: DEFAULT_PROVIDER_ENDPOINTS[name]
+    oauth2_endpoint: str | None = setting(None)
     # Accepted for files shared with the server; the worker does not use them.
-    secret: str | None = field(default=None, repr=False)
-    client_id: str | None = None
-    client_secret: str | None = field(default=None, repr=False)
+    secret: str | None = setting(None, secret=True)
+    client_id: str | None = setting(None)
+    client_secret: str | None = setting(None, secret=True)
 
 
 @dataclass(frozen=True)
 class CryptoSettings:
-    block: str = field(repr=False)
-    salt: str = field(repr=False)
-    hash: str | None = field(default=None, repr=False)
-    auth: str | None = field(default=None, repr=False)
+    block: str = setting(check=_crypto_block, secret=True)
+    salt: str = setting(check="nonempty_string", secret=True)
+    hash: str | None = setting(None, secret=True)
+    auth: str | None = setting(None, secret=True)
 
 
 @dataclass(frozen=True)
 class TLSSettings:
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
+    ca: str | None = setting(None)
+    cert: str | None = setting(None)
+    key: str | None = setting(None)
 
 
 @dataclass(frozen=True)
 class DatabaseSettings:
-    addr: str = "localhost:5432"
-    name: str = "djinn"
-    username: str = "djinn"
-    password: str = field(default="", repr=False)
-    tls: TLSSettings | None = None
+    addr: str = setting("localhost:5432", check="address")
+    name: str = setting("djinn", check="nonempty_string")
+    username: str = setting("djinn", check="nonempty_string")
+    password: str = setting("", secret=True)
+    tls: TLSSettings | None = setting(None, check="tls")  # also read from `ssl`, its old name
 
 
 @dataclass(frozen=True)
 class RedisSettings:
-    addr: str = "localhost:6379"
-    password: str | None = field(default=None, repr=False)
+    addr: str = setting("localhost:6379", check="address")
+    password: str | None = setting(None, check=_set_or_none, secret=True)
 
 
 @dataclass(frozen=True)
 class SMTPSettings:
-    addr: str
-    admin: str
-    ca: str | None = None
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
+    addr: str = setting(check="address")
+    admin: str = setting(check="nonempty_string")
+    ca: str | None = setting(None)
+    username: str | None = setting(None)
+    password: str | None = setting(None, secret=True)
 
 
 @dataclass(frozen=True)
 class StoreSettings:
-    path: str
-    type: str = "file"
-    limit: int = 0  # bytes; 0 = unlimited
+    path: str = setting(check="nonempty_string")  # default: /var/lib/djinn/<name>
+    type: str = setting("file", check=lambda sec, value, key: sec.choice(("file",))(value, key))
+    limit: int = setting(0, check="size")  # bytes; 0 = unlimited
 
 
 @dataclass(frozen=True)
@@ -233,7 +284,6 @@ class WorkerConfig:
         Secrets are shown only as whether they are set ("password_set"), so an
         operator can tell an empty password from a forgotten one.
         """
-        tls = self.database.tls
         return {
             "pidfile": self.pidfile,
             "log": {"level": self.log.level, "file": self.log.file},
@@ -244,38 +294,13 @@ class WorkerConfig:
             "orphan_timeout": _seconds(self.orphan_timeout),
             "metrics": self.metrics,
             "host": self.host,
-            "providers": {
-                name: {
-                    "endpoint": p.endpoint,
-                    "oauth2_endpoint": p.oauth2_endpoint,
-                    "client_id": p.client_id,
-                    "secret_set": bool(p.secret),
-                    "client_secret_set": bool(p.client_secret),
-                }
-                for name, p in sorted(self.providers.items())
-            },
+            "providers": {name: public_view(p) for name, p in sorted(self.providers.items())},
             "crypto_set": self.crypto is not None,
-            "database": {
-                "addr": self.database.addr,
-                "name": self.database.name,
-                "username": self.database.username,
-                "password_set": bool(self.database.password),
-                "tls": None if tls is None else {"ca": tls.ca, "cert": tls.cert, "key": tls.key},
-            },
-            "redis": {"addr": self.redis.addr, "password_set": bool(self.redis.password)},
-            "smtp": (
-                None
-                if self.smtp is None
-                else {
-                    "addr": self.smtp.addr,
-                    "admin": self.smtp.admin,
-                    "ca": self.smtp.ca,
-                    "username": self.smtp.username,
-                    "password_set": bool(self.smtp.password),
-                }
-            ),
+            "database": public_view(self.database),
+            "redis": public_view(self.redis),
+            "smtp": None if self.smtp is None else public_view(self.smtp),
             "store": {
-                name: None if store is None else {"type": store.type, "path": store.path, "limit": int(store.limit)}
+                name: None if store is None else public_view(store)
                 for name, store in (("artifacts", self.artifacts), ("objects", self.objects), ("images", self.images))
             },
         }
@@ -283,24 +308,39 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class DockerSettings:
-    host: str | None = None  # None: the Docker SDK's default (DOCKER_HOST, else the local socket)
-    version: str | None = None  # None: negotiate the API version with the daemon
+    host: str | None = setting(None, check="nonempty_string")  # None: the Docker SDK's default (DOCKER_HOST, else the local socket)
+    version: str | None = setting(None, check="nonempty_string")  # None: negotiate the API version with the daemon
+
+
+def _cpus(sec: _Section, value: Any, key: str) -> int:
+    cpus = sec.integer(value, key)
+    if cpus < 1:
+        raise sec.error(key, "must be at least 1")
+    return cpus
+
+
+def _memory_mib(sec: _Section, value: Any, key: str) -> int:
+    # A plain number is MiB (upstream's 2048); a size literal (2GB) is converted.
+    mib = int(value) // MIB if isinstance(value, Size) else sec.integer(value, key)
+    if mib < 1:
+        raise sec.error(key, "must be at least 1 MiB")
+    return mib
 
 
 @dataclass(frozen=True)
 class QemuSettings:
-    disks: str = "/var/lib/djinn/images"  # images: <disks>/_base/qemu/x86_64/<image> or <disks>/qemu/x86_64/<image>
-    cpus: int = 1
-    memory: int = 2048  # MiB
-    accel: str = "auto"  # kvm when /dev/kvm works, else tcg
+    disks: str = setting("/var/lib/djinn/images", check="nonempty_string")  # <disks>/_base/qemu/x86_64/<image> or <disks>/qemu/x86_64/<image>
+    cpus: int = setting(1, check=_cpus)
+    memory: int = setting(2048, check=_memory_mib)  # MiB
+    accel: str = setting("auto", check=lambda sec, value, key: sec.choice(QEMU_ACCELS)(value, key))  # kvm when /dev/kvm works, else tcg
 
 
 @dataclass(frozen=True)
 class SSHSettings:
-    timeout: datetime.timedelta = DEFAULT_SSH_TIMEOUT
-    user: str = "root"
-    password: str | None = field(default=None, repr=False)
-    key: str | None = None  # path to a private key file
+    timeout: datetime.timedelta = setting(DEFAULT_SSH_TIMEOUT, check="duration")
+    user: str = setting("root", check="nonempty_string")
+    password: str | None = setting(None, secret=True)
+    key: str | None = setting(None, check="nonempty_string")  # path to a private key file
 
 
 @dataclass(frozen=True)
@@ -344,21 +384,7 @@ class DriverConfig:
 
     def public_dict(self) -> dict[str, Any]:
         """The configured drivers' settings, JSON-able, without passwords."""
-        out: dict[str, Any] = {}
-        if self.docker is not None:
-            out["docker"] = {"host": self.docker.host, "version": self.docker.version}
-        if self.qemu is not None:
-            out["qemu"] = {"disks": self.qemu.disks, "cpus": self.qemu.cpus, "memory": self.qemu.memory, "accel": self.qemu.accel}
-        if self.ssh is not None:
-            out["ssh"] = {
-                "timeout": _seconds(self.ssh.timeout),
-                "user": self.ssh.user,
-                "key": self.ssh.key,
-                "password_set": bool(self.ssh.password),
-            }
-        if self.os is not None:
-            out["os"] = {}
-        return out
+        return {name: public_view(getattr(self, name)) for name in self.configured}
 
 
 # --- decoding ---------------------------------------------------------------
@@ -545,6 +571,22 @@ class _Section:
         return _Section(value, self.source, qual, pos, self.warnings)
 
 
+def decode_fields(cls: type, sec: _Section, defaults: Mapping[str, Any] | None = None, **given: Any) -> Any:
+    """`cls` from the keys of `sec` its `setting` fields declare (after `sec.check_keys`).
+
+    `defaults` overrides a field's declared default; `given` sets fields outright.
+    """
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in given or "check" not in f.metadata:
+            continue
+        check = f.metadata["check"]
+        decode = getattr(sec, check) if isinstance(check, str) else (lambda value, key, check=check: check(sec, value, key))
+        default = (defaults or {}).get(f.name, _MISSING if f.default is dataclasses.MISSING else f.default)
+        values[f.name] = sec.get(f.name, decode, default)
+    return cls(**values, **given)
+
+
 def _top(values: Mapping[str, Any], source: str, warnings: list[str]) -> _Section:
     pos = values.pos if isinstance(values, ConfigDict) else Pos(source)
     return _Section(values, source, "", pos, warnings)
@@ -577,15 +619,8 @@ def _decode_providers(top: _Section) -> dict[str, ProviderSettings]:
         if name not in PROVIDERS:
             raise config_error(pos, f'provider: unknown provider {quoted(name)} (expected one of: {", ".join(PROVIDERS)})')
         sec = top.labelled_block("provider", name, value, pos)
-        sec.check_keys(("endpoint", "oauth2_endpoint", "secret", "client_id", "client_secret"))
-        providers[name] = ProviderSettings(
-            name=name,
-            endpoint=sec.get("endpoint", sec.nonempty_string, DEFAULT_PROVIDER_ENDPOINTS[name]),
-            oauth2_endpoint=sec.get("oauth2_endpoint", sec.string, None),
-            secret=sec.get("secret", sec.string, None),
-            client_id=sec.get("client_id", sec.string, None),
-            client_secret=sec.get("client_secret", sec.string, None),
-        )
+        sec.check_keys(config_keys(ProviderSettings))
+        providers[name] = decode_fields(ProviderSettings, sec, {"endpoint": DEFAULT_PROVIDER_ENDPOINTS[name]}, name=name)
     return providers
 
 
@@ -593,63 +628,50 @@ def _decode_crypto(top: _Section) -> CryptoSettings | None:
     sec = top.block("crypto")
     if sec is None:
         return None
-    sec.check_keys(("block", "salt", "hash", "auth"))
-    block = sec.get("block", sec.string)
-    if len(block.encode()) not in (16, 24, 32):
-        raise sec.error("block", "must be 16, 24 or 32 characters long")
-    salt = sec.get("salt", sec.nonempty_string)
-    return CryptoSettings(block, salt, sec.get("hash", sec.string, None), sec.get("auth", sec.string, None))
+    sec.check_keys(config_keys(CryptoSettings))
+    crypto: CryptoSettings = decode_fields(CryptoSettings, sec)
+    return crypto
 
 
 def _decode_tls(sec: _Section, key: str) -> TLSSettings | None:
     tls = sec.block(key)
     if tls is None:
         return None
-    tls.check_keys(("ca", "cert", "key"))
-    return TLSSettings(tls.get("ca", tls.string, None), tls.get("cert", tls.string, None), tls.get("key", tls.string, None))
+    tls.check_keys(config_keys(TLSSettings))
+    settings: TLSSettings = decode_fields(TLSSettings, tls)
+    return settings
 
 
 def _decode_database(top: _Section) -> DatabaseSettings:
     sec = top.block("database")
     if sec is None:
         return DatabaseSettings()
-    sec.check_keys(("addr", "name", "username", "password", "tls", "ssl"))
+    sec.check_keys((*config_keys(DatabaseSettings), "ssl"))
     if "tls" in sec.values and "ssl" in sec.values:
         raise sec.error("ssl", "give either tls or ssl (its old name), not both")
     if "ssl" in sec.values:
         sec.warn(sec.key_pos("ssl"), "database.ssl is deprecated, use tls instead (read as tls)")
     tls = _decode_tls(sec, "tls" if "tls" in sec.values else "ssl")
-    default = DatabaseSettings()
-    return DatabaseSettings(
-        addr=sec.get("addr", sec.address, default.addr),
-        name=sec.get("name", sec.nonempty_string, default.name),
-        username=sec.get("username", sec.nonempty_string, default.username),
-        password=sec.get("password", sec.string, default.password),
-        tls=tls,
-    )
+    database: DatabaseSettings = decode_fields(DatabaseSettings, sec, tls=tls)
+    return database
 
 
 def _decode_redis(top: _Section) -> RedisSettings:
     sec = top.block("redis")
     if sec is None:
         return RedisSettings()
-    sec.check_keys(("addr", "password"))
-    password = sec.get("password", sec.string, None)
-    return RedisSettings(sec.get("addr", sec.address, RedisSettings.addr), password or None)
+    sec.check_keys(config_keys(RedisSettings))
+    redis: RedisSettings = decode_fields(RedisSettings, sec)
+    return redis
 
 
 def _decode_smtp(top: _Section) -> SMTPSettings | None:
     sec = top.block("smtp")
     if sec is None:
         return None
-    sec.check_keys(("addr", "ca", "admin", "username", "password"))
-    return SMTPSettings(
-        addr=sec.get("addr", sec.address),
-        admin=sec.get("admin", sec.nonempty_string),
-        ca=sec.get("ca", sec.string, None),
-        username=sec.get("username", sec.string, None),
-        password=sec.get("password", sec.string, None),
-    )
+    sec.check_keys(config_keys(SMTPSettings))
+    smtp: SMTPSettings = decode_fields(SMTPSettings, sec)
+    return smtp
 
 
 def _decode_stores(top: _Section) -> dict[str, StoreSettings]:
@@ -659,12 +681,8 @@ def _decode_stores(top: _Section) -> dict[str, StoreSettings]:
             top.warn(pos, f'unknown store {quoted(name)} ignored (known stores: {", ".join(STORES)})')
             continue
         sec = top.labelled_block("store", name, value, pos)
-        sec.check_keys(("type", "path", "limit"), unused=("name",))
-        stores[name] = StoreSettings(
-            path=sec.get("path", sec.nonempty_string, f"/var/lib/djinn/{name}"),
-            type=sec.get("type", sec.choice(("file",)), "file"),
-            limit=sec.get("limit", sec.size, 0),
-        )
+        sec.check_keys(config_keys(StoreSettings), unused=("name",))
+        stores[name] = decode_fields(StoreSettings, sec, {"path": f"/var/lib/djinn/{name}"})
     return stores
 
 
@@ -721,57 +739,15 @@ def decode_worker(values: Mapping[str, Any], source: str = "<config>") -> Worker
     )
 
 
-def _decode_docker(sec: _Section) -> DockerSettings:
-    sec.check_keys(("host", "version"), unused=("image", "workspace"))
-    return DockerSettings(sec.get("host", sec.nonempty_string, None), sec.get("version", sec.nonempty_string, None))
+# Keys upstream's driver blocks know that this worker takes from the manifest instead.
+_DRIVER_UNUSED: dict[str, tuple[str, ...]] = {"docker": ("image", "workspace"), "qemu": ("arch", "image"), "ssh": ("addr",), "os": ()}
+_DRIVER_SETTINGS: dict[str, type] = {"docker": DockerSettings, "qemu": QemuSettings, "ssh": SSHSettings, "os": OSSettings}
 
 
-def _decode_qemu(sec: _Section) -> QemuSettings:
-    sec.check_keys(("disks", "cpus", "memory", "accel"), unused=("arch", "image"))
-    default = QemuSettings()
-    cpus = sec.get("cpus", sec.integer, default.cpus)
-    if cpus < 1:
-        raise sec.error("cpus", "must be at least 1")
-
-    def memory(value: Any, key: str) -> int:
-        # A plain number is MiB (upstream's 2048); a size literal (2GB) is converted.
-        if isinstance(value, Size):
-            mib = int(value) // MIB
-        else:
-            mib = sec.integer(value, key)
-        if mib < 1:
-            raise sec.error(key, "must be at least 1 MiB")
-        return mib
-
-    return QemuSettings(
-        disks=sec.get("disks", sec.nonempty_string, default.disks),
-        cpus=cpus,
-        memory=sec.get("memory", memory, default.memory),
-        accel=sec.get("accel", sec.choice(QEMU_ACCELS), default.accel),
-    )
-
-
-def _decode_ssh(sec: _Section) -> SSHSettings:
-    sec.check_keys(("timeout", "user", "password", "key"), unused=("addr",))
-    return SSHSettings(
-        timeout=sec.get("timeout", sec.duration, DEFAULT_SSH_TIMEOUT),
-        user=sec.get("user", sec.nonempty_string, "root"),
-        password=sec.get("password", sec.string, None),
-        key=sec.get("key", sec.nonempty_string, None),
-    )
-
-
-def _decode_os(sec: _Section) -> OSSettings:
-    sec.check_keys(())
-    return OSSettings()
-
-
-_DRIVER_DECODERS: dict[str, Callable[[_Section], Any]] = {
-    "docker": _decode_docker,
-    "qemu": _decode_qemu,
-    "ssh": _decode_ssh,
-    "os": _decode_os,
-}
+def _decode_driver_block(name: str, sec: _Section) -> Any:
+    cls = _DRIVER_SETTINGS[name]
+    sec.check_keys(config_keys(cls), unused=_DRIVER_UNUSED[name])
+    return decode_fields(cls, sec)
 
 
 def decode_driver(values: Mapping[str, Any], source: str = "<config>") -> DriverConfig:
@@ -784,10 +760,10 @@ def decode_driver(values: Mapping[str, Any], source: str = "<config>") -> Driver
     found: dict[str, Any] = {}
     for label, value, pos in top.group("driver", 'driver docker { host "unix:///var/run/docker.sock" }'):
         name = label.lower()  # upstream matches driver names like keys, case-insensitively
-        if name not in _DRIVER_DECODERS:
+        if name not in _DRIVER_SETTINGS:
             top.warn(pos, f'unknown driver {quoted(label)} ignored (known drivers: {", ".join(DRIVERS)})')
             continue
-        found[name] = _DRIVER_DECODERS[name](top.labelled_block("driver", name, value, pos))
+        found[name] = _decode_driver_block(name, top.labelled_block("driver", name, value, pos))
     return DriverConfig(source=source, warnings=tuple(warnings), **found)
 
 
