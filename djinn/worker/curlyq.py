@@ -337,20 +337,20 @@ def now_score() -> int:
     return int(time.time())
 
 
-def push_job(client: redis.Redis[bytes], queue: str, job: Job) -> bool:
+def push_job(client: redis.Redis, queue: str, job: Job) -> bool:
     """Queue `job` as curlyq's producer does; False when a job with its id exists already."""
     keys = QueueKeys(queue)
-    return bool(client.eval(PUSH, 3, keys.data, keys.active, keys.signal, job.id, job.pack()))  # type: ignore[no-untyped-call]
+    return bool(client.eval(PUSH, 3, keys.data, keys.active, keys.signal, job.id, job.pack()))
 
 
-def push_build(client: redis.Redis[bytes], queue: str, build_id: int, host: str = "") -> str:
+def push_build(client: redis.Redis, queue: str, build_id: int, host: str = "") -> str:
     """Queue build `build_id` the way the Djinn server does; returns the new job's id."""
     job = Job(str(uuid.uuid4()), encode_payload(host, build_id))
     push_job(client, queue, job)
     return job.id
 
 
-def pending_builds(client: redis.Redis[bytes], queue: str) -> set[int]:
+def pending_builds(client: redis.Redis, queue: str) -> set[int]:
     """Builds with a curlyq job on `queue` not yet acknowledged nor dead: waiting, in flight or scheduled.
 
     The reconciliation of queued builds (djinn.worker.reaper) counts these as queued in the
@@ -389,7 +389,7 @@ class Consumer:
 
     def __init__(
         self,
-        client: redis.Redis[bytes],
+        client: redis.Redis,
         queue: str,
         handler: Callable[[Job], None],
         *,

@@ -73,7 +73,7 @@ def settle_queued_kill(session: Session, build_id: int) -> bool:
     return True
 
 
-def redis_client(settings: RedisSettings, **kwargs: Any) -> redis.Redis[bytes]:
+def redis_client(settings: RedisSettings, **kwargs: Any) -> redis.Redis:
     host, port = split_address(settings.addr, 6379)
     return redis.Redis(host=host or "localhost", port=port, password=settings.password or None, **kwargs)
 
@@ -147,11 +147,11 @@ class _Hub:
         while True:
             try:
                 client = redis_client(self.settings, socket_timeout=None, socket_connect_timeout=2, health_check_interval=10)
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
                 pubsub.psubscribe("kill-*")
                 self.subscribed.set()
                 try:
-                    for message in pubsub.listen():  # type: ignore[no-untyped-call]
+                    for message in pubsub.listen():
                         if message.get("type") == "pmessage":
                             self._deliver(message["channel"], message["data"])
                 finally:

@@ -36,7 +36,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, cast
 
 import redis
 from sqlalchemy import func, select
@@ -101,7 +101,7 @@ def message_build_id(raw: bytes | str | dict[str, Any]) -> int | None:
         return None
 
 
-def _waiting(client: redis.Redis[bytes], queue: str) -> Iterator[int]:
+def _waiting(client: redis.Redis, queue: str) -> Iterator[int]:
     for key in (queue + suffix for suffix in PRIORITY_SUFFIXES):
         start = 0
         while chunk := client.lrange(key, start, start + SCAN_CHUNK - 1):
@@ -111,10 +111,11 @@ def _waiting(client: redis.Redis[bytes], queue: str) -> Iterator[int]:
             start += len(chunk)
 
 
-def _recently_delivered(client: redis.Redis[bytes], within: float) -> Iterator[int]:
+def _recently_delivered(client: redis.Redis, within: float) -> Iterator[int]:
     """Builds whose message a consumer took less than `within` seconds ago and has not acknowledged."""
     # A consumer that has held a message longer without claiming its build is gone (or frozen).
-    tags = [tag for tag, _ in client.zrangebyscore(UNACKED_INDEX, time.time() - within, "+inf", withscores=True)]
+    scored = cast(list[tuple[bytes, float]], client.zrangebyscore(UNACKED_INDEX, time.time() - within, "+inf", withscores=True))
+    tags = [tag for tag, _ in scored]
     for start in range(0, len(tags), SCAN_CHUNK):
         for entry in client.hmget(UNACKED, tags[start:start + SCAN_CHUNK]):
             try:
@@ -125,7 +126,7 @@ def _recently_delivered(client: redis.Redis[bytes], within: float) -> Iterator[i
                 yield build_id
 
 
-def in_broker(client: redis.Redis[bytes], queues: Iterable[str], delivered_within: float) -> set[int]:
+def in_broker(client: redis.Redis, queues: Iterable[str], delivered_within: float) -> set[int]:
     """Ids of the builds that have a message waiting in `queues` (Celery's or curlyq's) or recently delivered."""
     present: set[int] = set()
     for queue in queues:
