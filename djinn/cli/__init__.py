@@ -11,8 +11,11 @@ import argparse
 import os
 import platform
 import sys
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from typing import NoReturn, Sequence
 
+from djinn import __version__
 from djinn.errors import DjinnError
 
 EXIT_OK = 0
@@ -43,13 +46,8 @@ class ArgumentParser(argparse.ArgumentParser):
 def version() -> str:
     """The installed package's version, else the source tree's."""
     try:
-        from importlib.metadata import PackageNotFoundError
-        from importlib.metadata import version as package_version
-
         return package_version("djinn-worker")
-    except (ImportError, PackageNotFoundError):
-        from djinn import __version__
-
+    except PackageNotFoundError:
         return __version__
 
 

@@ -333,27 +333,14 @@ def _run_build(ctx: WorkerContext, build_id: int, run: RunControl) -> Status | N
     outcome = metrics.Outcome()
     try:
         status = _run_claimed(ctx, build_id, lease, sent_at[0], run, row, outcome)
-        outcome.status = str(status) if status is not None else outcome.status
+        if status is not None:
+            outcome.status = str(status)
         return status
-    except _HandedBack:
-        outcome.status = metrics.HANDED_BACK
-        return None
-    except _LeaseLost:
-        outcome.status = metrics.LOST
-        return None
     finally:
         metrics.emit(
             "build_finished", build=build_id, driver=driver_label, status=outcome.status, failure=outcome.failure,
             seconds=time.monotonic() - started,
         )
-
-
-class _HandedBack(Exception):
-    pass
-
-
-class _LeaseLost(Exception):
-    pass
 
 
 def _run_claimed(
@@ -364,7 +351,8 @@ def _run_claimed(
     run: RunControl,
     row: RowMapping,
     outcome: metrics.Outcome,
-) -> Status:
+) -> Status | None:
+    """The claimed build's run; None when it was handed back or its lease lost (`outcome` says which)."""
     try:
         loaded = decode_build(ctx, row)
         settings = {
@@ -413,16 +401,18 @@ def _run_claimed(
             metrics.error(runner.error)
             notify.on_worker_error(ctx, build_id, runner.error)
         if run.lease_lost:
-            raise _LeaseLost()
+            outcome.status = metrics.LOST
+            return None
         if status is Status.KILLED and run.handed_back:
             # The driver is destroyed (the runner always does); the rows go back to queued.
-            if shutdown.hand_back(ctx, lease):
-                raise _HandedBack()
-            raise _LeaseLost()  # left running on a lease nobody renews: the reaper requeues it
+            # A hand-back that fails leaves the build on a lease nobody renews: the reaper requeues it.
+            outcome.status = metrics.HANDED_BACK if shutdown.hand_back(ctx, lease) else metrics.LOST
+            return None
         # wants_events was checked when the build was loaded: a webhook added while it ran is told from the next build on.
         events = ctx if loaded.wants_events else None
         if not _final_write(ctx, reporter, status, lease, run, events):
-            raise _LeaseLost()
+            outcome.status = metrics.LOST
+            return None
     finally:
         heartbeat.stop()
     log.info("build %s: %s", build_id, status)
