@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ops_support import alive
 from waiting import wait_for
 
 from djinn.config import DriverConfig, load_worker_config
@@ -72,13 +73,6 @@ def signal_all(pids, sig: int) -> None:
         except ProcessLookupError:
             pass
 
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 

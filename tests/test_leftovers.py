@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from ops_support import alive
 from waiting import wait_for
 
 from djinn.drivers import leftovers, qemu
@@ -23,14 +24,6 @@ LONG = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo 
 
 
 
-
-def alive(pid: int) -> bool:
-    """Running (a zombie waiting for its parent to reap it counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def processes_in(directory: Path) -> list[int]:

@@ -28,7 +28,7 @@ import datetime
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 from djinn.config.language import ConfigDict, Pos, Size, config_error, parse_duration, parse_file
 from djinn.errors import ConfigError
@@ -390,6 +390,7 @@ class DriverConfig:
 # --- decoding ---------------------------------------------------------------
 
 _MISSING = object()
+T = TypeVar("T")
 
 
 def _describe(value: Any) -> str:
@@ -571,13 +572,13 @@ class _Section:
         return _Section(value, self.source, qual, pos, self.warnings)
 
 
-def decode_fields(cls: type, sec: _Section, defaults: Mapping[str, Any] | None = None, **given: Any) -> Any:
+def decode_fields(cls: type[T], sec: _Section, defaults: Mapping[str, Any] | None = None, **given: Any) -> T:
     """`cls` from the keys of `sec` its `setting` fields declare (after `sec.check_keys`).
 
     `defaults` overrides a field's declared default; `given` sets fields outright.
     """
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # every settings class is a dataclass
         if f.name in given or "check" not in f.metadata:
             continue
         check = f.metadata["check"]
@@ -585,6 +586,15 @@ def decode_fields(cls: type, sec: _Section, defaults: Mapping[str, Any] | None =
         default = (defaults or {}).get(f.name, _MISSING if f.default is dataclasses.MISSING else f.default)
         values[f.name] = sec.get(f.name, decode, default)
     return cls(**values, **given)
+
+
+def _optional_block(sec: _Section, key: str, cls: type[T]) -> T | None:
+    """The `key { ... }` block of `sec` as a `cls`, None when it is not there."""
+    block = sec.block(key)
+    if block is None:
+        return None
+    block.check_keys(config_keys(cls))
+    return decode_fields(cls, block)
 
 
 def _top(values: Mapping[str, Any], source: str, warnings: list[str]) -> _Section:
@@ -624,24 +634,6 @@ def _decode_providers(top: _Section) -> dict[str, ProviderSettings]:
     return providers
 
 
-def _decode_crypto(top: _Section) -> CryptoSettings | None:
-    sec = top.block("crypto")
-    if sec is None:
-        return None
-    sec.check_keys(config_keys(CryptoSettings))
-    crypto: CryptoSettings = decode_fields(CryptoSettings, sec)
-    return crypto
-
-
-def _decode_tls(sec: _Section, key: str) -> TLSSettings | None:
-    tls = sec.block(key)
-    if tls is None:
-        return None
-    tls.check_keys(config_keys(TLSSettings))
-    settings: TLSSettings = decode_fields(TLSSettings, tls)
-    return settings
-
-
 def _decode_database(top: _Section) -> DatabaseSettings:
     sec = top.block("database")
     if sec is None:
@@ -651,27 +643,8 @@ def _decode_database(top: _Section) -> DatabaseSettings:
         raise sec.error("ssl", "give either tls or ssl (its old name), not both")
     if "ssl" in sec.values:
         sec.warn(sec.key_pos("ssl"), "database.ssl is deprecated, use tls instead (read as tls)")
-    tls = _decode_tls(sec, "tls" if "tls" in sec.values else "ssl")
-    database: DatabaseSettings = decode_fields(DatabaseSettings, sec, tls=tls)
-    return database
-
-
-def _decode_redis(top: _Section) -> RedisSettings:
-    sec = top.block("redis")
-    if sec is None:
-        return RedisSettings()
-    sec.check_keys(config_keys(RedisSettings))
-    redis: RedisSettings = decode_fields(RedisSettings, sec)
-    return redis
-
-
-def _decode_smtp(top: _Section) -> SMTPSettings | None:
-    sec = top.block("smtp")
-    if sec is None:
-        return None
-    sec.check_keys(config_keys(SMTPSettings))
-    smtp: SMTPSettings = decode_fields(SMTPSettings, sec)
-    return smtp
+    tls = _optional_block(sec, "tls" if "tls" in sec.values else "ssl", TLSSettings)
+    return decode_fields(DatabaseSettings, sec, tls=tls)
 
 
 def _decode_stores(top: _Section) -> dict[str, StoreSettings]:
@@ -725,10 +698,10 @@ def decode_worker(values: Mapping[str, Any], source: str = "<config>") -> Worker
         parallelism=parallelism,
         timeout=top.get("timeout", top.duration, DEFAULT_TIMEOUT),
         providers=_decode_providers(top),
-        crypto=_decode_crypto(top),
+        crypto=_optional_block(top, "crypto", CryptoSettings),
         database=_decode_database(top),
-        redis=_decode_redis(top),
-        smtp=_decode_smtp(top),
+        redis=_optional_block(top, "redis", RedisSettings) or RedisSettings(),
+        smtp=_optional_block(top, "smtp", SMTPSettings),
         artifacts=stores.get("artifacts", WorkerConfig.artifacts),
         objects=stores.get("objects", WorkerConfig.objects),
         images=stores.get("images"),
