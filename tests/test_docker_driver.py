@@ -23,7 +23,7 @@ import pytest
 from docker_support import IMAGE, NOTHING, labelled, wait_for
 from runner_support import SECRET_COMMANDS, SECRET_PIECES, SECRET_VALUE, assert_no_secret, runner_for
 
-from djinn.drivers import make_driver
+from djinn.drivers import BuildIdentity, make_driver
 from djinn.drivers.docker import DockerDriver, sweep
 from djinn.errors import DriverError
 from djinn.paths import PathEscapeError
@@ -42,7 +42,7 @@ def new_id(tag: str) -> str:
 
 def make_runner(manifest: str, reporter, tmp_path: Path, build_id: str, **kwargs) -> tuple[Runner, DockerDriver]:
     def driver_for(m):
-        driver = make_driver("docker", {**m.driver, "build_id": build_id, "worker": WORKER})
+        driver = make_driver("docker", m.driver, BuildIdentity(build_id, WORKER))
         assert isinstance(driver, DockerDriver)
         return driver
 
@@ -182,7 +182,7 @@ def test_sweep_removes_leftovers_of_dead_builds_only(docker_api, tmp_path):
     dead, live, other = new_id("dead"), new_id("live"), new_id("other")
     drivers = []
     for build, worker in ((dead, WORKER), (live, WORKER), (other, "another-worker")):
-        driver = DockerDriver({"image": IMAGE, "workspace": "/w", "build_id": build, "worker": worker})
+        driver = DockerDriver({"image": IMAGE, "workspace": "/w"}, BuildIdentity(build, worker))
         driver.create({}, lambda data: None)
         assert driver.execute("job", b"#!/bin/sh\necho hi > /w/f\n", lambda data: None) == 0
         drivers.append(driver)  # never destroyed: as if the worker had died
@@ -208,7 +208,7 @@ def test_sweep_removes_leftovers_of_dead_builds_only(docker_api, tmp_path):
 def test_big_script_and_cancelled_driver(docker_api, tmp_path):
     """A script too big for one argument is copied in; a cancelled driver refuses new jobs at once."""
     build = new_id("direct")
-    driver = DockerDriver({"image": IMAGE, "workspace": "/w", "build_id": build, "worker": WORKER})
+    driver = DockerDriver({"image": IMAGE, "workspace": "/w"}, BuildIdentity(build, WORKER))
     out = bytearray()
     try:
         driver.create({"K": "v w=x"}, out.extend)

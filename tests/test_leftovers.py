@@ -17,7 +17,7 @@ from pathlib import Path
 from ops_support import alive
 from waiting import wait_for
 
-from djinn.drivers import leftovers, qemu
+from djinn.drivers import BuildIdentity, leftovers, qemu
 from djinn.drivers import os as os_driver
 
 LONG = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo started', 'sleep 120']}\n"
@@ -149,7 +149,7 @@ def test_qemu_sweep_kills_a_stray_vm_process_and_removes_its_directory(tmp_path)
 
 def test_os_driver_marks_its_build_directory(tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    driver = os_driver.OSDriver({"build_id": "31", "worker": "host:1"})
+    driver = os_driver.OSDriver({}, BuildIdentity("31", "host:1"))
     driver.create({}, lambda data: None)
     try:
         owner = leftovers.read_marker(driver.root)

@@ -16,7 +16,7 @@ from typing import BinaryIO, Sequence
 from djinn.cli import EXIT_INVALID, ArgumentParser, add_variable_flags, add_version_flag, fail, variable_pairs, warn
 from djinn.config import DriverConfig, load_driver_config
 from djinn.config.language import parse_duration
-from djinn.drivers import make_driver
+from djinn.drivers import BuildIdentity, make_driver
 from djinn.errors import DjinnError
 from djinn.manifest import load_manifest
 from djinn.plan import JobPlan, plan_build
@@ -145,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         variables = [Variable(k, v) for k, v in manifest.env]
         variables += _variables(args.env, "-env", False) + _variables(args.secret, "-secret", True)
         settings = {**config.settings_for(manifest.driver_type), **manifest.driver}
-        driver = make_driver(manifest.driver_type, settings)
+        # A manifest run here may name its build (`driver: {build_id: ...}`): the docker
+        # driver labels its containers with it, so a script can find them.
+        driver = make_driver(manifest.driver_type, settings, BuildIdentity(str(manifest.driver.get("build_id") or "")))
     except DjinnError as exc:
         return fail(PROG, exc, EXIT_INVALID)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping
 
-from djinn.drivers.base import Driver, Output
+from djinn.drivers.base import BuildIdentity, Driver, Output
 from djinn.errors import DriverError
 
 # Imported on demand so the os driver works without the docker or paramiko packages loaded.
@@ -25,9 +25,9 @@ def driver_class(kind: str) -> type[Driver]:
     return module.DRIVER
 
 
-def make_driver(kind: str, settings: Mapping[str, Any]) -> Driver:
+def make_driver(kind: str, settings: Mapping[str, Any], identity: BuildIdentity | None = None) -> Driver:
     """A driver of `kind` with `settings` (driver config merged with the manifest's driver map)."""
-    return driver_class(kind)(settings)
+    return driver_class(kind)(settings, identity)
 
 
-__all__ = ["Driver", "Output", "driver_class", "make_driver"]
+__all__ = ["BuildIdentity", "Driver", "Output", "driver_class", "make_driver"]

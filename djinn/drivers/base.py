@@ -9,17 +9,31 @@ from __future__ import annotations
 
 import abc
 import posixpath
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, ClassVar, Iterator, Mapping
 
 Output = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class BuildIdentity:
+    """The build a driver runs, and the worker running it: what its containers, directories and VMs are marked with.
+
+    Empty when nobody says (the offline runner): a driver then makes up what it needs.
+    """
+
+    build_id: str = ""
+    worker: str = ""
 
 
 class Driver(abc.ABC):
     #: The manifest's `driver.type` this class serves.
     type: ClassVar[str]
 
-    def __init__(self, settings: Mapping[str, Any]) -> None:
+    def __init__(self, settings: Mapping[str, Any], identity: BuildIdentity | None = None) -> None:
+        #: The driver config's settings merged with the manifest's driver map.
         self.settings = dict(settings)
+        self.identity = identity or BuildIdentity()
 
     @abc.abstractmethod
     def create(self, env: Mapping[str, str], log: Output) -> None:

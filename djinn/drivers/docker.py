@@ -1,10 +1,10 @@
 """The docker driver: each job runs in its own container, a volume carries the workspace between them.
 
 Settings: `host` and `version` (driver config; None = DOCKER_HOST or the local
-socket, and a negotiated API version), `image` and `workspace` (manifest), and
-optionally `build_id` and `worker` (given by the worker daemon; a random id and
-"offline" otherwise) which label every container and volume so `sweep` can find
-what a dead worker left behind.
+socket, and a negotiated API version), `image` and `workspace` (manifest). The
+build's identity (its id and the worker's name, from the worker daemon; a random
+id and "offline" otherwise) labels every container and volume so `sweep` can
+find what a dead worker left behind.
 
 Why it looks the way it does (upstream made three containers per job):
 - One container per job, and nothing else. The job script is handed to
@@ -49,7 +49,7 @@ import docker.errors
 import requests.exceptions
 from docker.types import LogConfig, Mount
 
-from djinn.drivers.base import Driver, Output
+from djinn.drivers.base import BuildIdentity, Driver, Output
 from djinn.drivers.environment import refused_names_message, shell_exports
 from djinn.errors import DriverError
 from djinn.paths import PathEscapeError
@@ -158,14 +158,14 @@ class _Placement:
 class DockerDriver(Driver):
     type = "docker"
 
-    def __init__(self, settings: Mapping[str, Any]) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: Mapping[str, Any], identity: BuildIdentity | None = None) -> None:
+        super().__init__(settings, identity)
         self.image = str(self.settings.get("image") or "")
         self.workspace = str(self.settings.get("workspace") or "")
         self.host = self.settings.get("host") or None
         self.version = self.settings.get("version") or None
-        self.build_id = str(self.settings.get("build_id") or uuid.uuid4().hex)
-        self.worker = str(self.settings.get("worker") or DEFAULT_WORKER)
+        self.build_id = self.identity.build_id or uuid.uuid4().hex
+        self.worker = self.identity.worker or DEFAULT_WORKER
         self.labels = {BUILD_LABEL: self.build_id, WORKER_LABEL: self.worker}
         suffix = uuid.uuid4().hex[:12]
         # Named per driver, not per build id alone: a rerun of a build must never see a stale workspace.

@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from djinn.drivers.base import BuildIdentity
+
 MARKER = "djinn-owner.json"
 
 
@@ -49,11 +51,11 @@ def identity(pid: int) -> dict[str, Any]:
     return {"pid": pid, "started": process_start(pid)}
 
 
-def write_marker(directory: Path, settings: dict[str, Any], **extra: Any) -> None:
+def write_marker(directory: Path, build: BuildIdentity, **extra: Any) -> None:
     """Record in `directory` which build and which process (this one) it belongs to."""
     owner = {
-        "build_id": str(settings["build_id"]) if settings.get("build_id") else None,
-        "worker": settings.get("worker"),
+        "build_id": build.build_id or None,
+        "worker": build.worker or None,
         "host": socket.gethostname(),
         **identity(os.getpid()),
         **extra,

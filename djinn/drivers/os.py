@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Mapping
 
 from djinn.drivers import leftovers
-from djinn.drivers.base import Driver, Output
+from djinn.drivers.base import BuildIdentity, Driver, Output
 from djinn.errors import DriverError
 from djinn.paths import resolve_inside
 
@@ -48,8 +48,8 @@ KILL_ROUNDS = 50
 class OSDriver(Driver):
     type = "os"
 
-    def __init__(self, settings: Mapping[str, object] | None = None) -> None:
-        super().__init__(settings or {})
+    def __init__(self, settings: Mapping[str, object] | None = None, identity: BuildIdentity | None = None) -> None:
+        super().__init__(settings or {}, identity)
         self.root: Path | None = None
         self.env: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -65,7 +65,7 @@ class OSDriver(Driver):
 
     def create(self, env: Mapping[str, str], log: Output) -> None:
         self.root = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
-        leftovers.write_marker(self.root, self.settings)
+        leftovers.write_marker(self.root, self.identity)
         (self.root / "workspace").mkdir()
         (self.root / "scripts").mkdir()
         base = {k: os.environ[k] for k in INHERITED if k in os.environ}

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO, Iterator, Mapping
 
 from djinn.config.language import format_duration
 from djinn.drivers import leftovers
-from djinn.drivers.base import Driver, Output
+from djinn.drivers.base import BuildIdentity, Driver, Output
 from djinn.drivers.ssh import SSHDriver, parse_timeout
 from djinn.errors import DriverError
 
@@ -189,8 +189,8 @@ class QEMUDriver(Driver):
 
     type = "qemu"
 
-    def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
-        super().__init__(settings or {})
+    def __init__(self, settings: Mapping[str, Any] | None = None, identity: BuildIdentity | None = None) -> None:
+        super().__init__(settings or {}, identity)
         s = self.settings
         self.image = str(s.get("image") or "")
         # Set by the worker (never by a manifest) when the build's user has an image of that name.
@@ -242,7 +242,7 @@ class QEMUDriver(Driver):
             f"({self.accel}, {self.cpus} CPU{'s' if self.cpus != 1 else ''}, {self.memory} MiB)...\n".encode()
         )
         self.workdir = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
-        leftovers.write_marker(self.workdir, self.settings)
+        leftovers.write_marker(self.workdir, self.identity)
         self.log_path = self.workdir / "qemu.log"
         try:
             self._boot(path, deadline, env)
@@ -321,7 +321,7 @@ class QEMUDriver(Driver):
                 self.pid = self._process.pid
                 # Which process is the VM, for the start-up sweep after a crash (djinn.drivers.leftovers).
                 vm = leftovers.identity(self.pid)
-                leftovers.write_marker(self.workdir, self.settings, vm_pid=vm["pid"], vm_started=vm["started"])
+                leftovers.write_marker(self.workdir, self.identity, vm_pid=vm["pid"], vm_started=vm["started"])
             process = self._process
             while True:
                 if process.poll() is not None:

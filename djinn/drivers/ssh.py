@@ -55,7 +55,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Mapping, cast
 import paramiko
 
 from djinn.config.language import format_duration, parse_duration
-from djinn.drivers.base import Driver, Output
+from djinn.drivers.base import BuildIdentity, Driver, Output
 from djinn.drivers.environment import refused_names_message, shell_exports
 from djinn.errors import DjinnError, DriverError
 from djinn.paths import PathEscapeError
@@ -171,8 +171,8 @@ class SSHDriver(Driver):
 
     type = "ssh"
 
-    def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
-        super().__init__(settings or {})
+    def __init__(self, settings: Mapping[str, Any] | None = None, identity: BuildIdentity | None = None) -> None:
+        super().__init__(settings or {}, identity)
         s = self.settings
         self.user: str = str(s.get("user") or "root")
         password = s.get("password")

@@ -33,7 +33,7 @@ from djinn.db.engine import DatabaseUnavailable, is_unavailable, retry_while_una
 from djinn.db.lease import Lease, abandon, beat, claim, finished_by
 from djinn.db.models import Build
 from djinn.db.recorder import BuildArtifacts, DatabaseReporter
-from djinn.drivers import make_driver
+from djinn.drivers import BuildIdentity, make_driver
 from djinn.drivers.qemu import user_image_path
 from djinn.errors import DjinnError
 from djinn.manifest import Passthrough
@@ -355,16 +355,11 @@ def _run_claimed(
     """The claimed build's run; None when it was handed back or its lease lost (`outcome` says which)."""
     try:
         loaded = decode_build(ctx, row)
-        settings = {
-            **ctx.drivers.settings_for(loaded.driver_type),
-            **loaded.driver_config,
-            "build_id": str(build_id),
-            "worker": ctx.name,
-        }
+        settings = {**ctx.drivers.settings_for(loaded.driver_type), **loaded.driver_config}
         # A user's own image comes before the shared `_base` ones, as on the Go worker;
         # the setting is the worker's alone, whatever the manifest's driver block says.
         settings["user_image"] = user_image_path(settings.get("disks"), *loaded.image) if loaded.image else None
-        driver = make_driver(loaded.driver_type, settings)
+        driver = make_driver(loaded.driver_type, settings, BuildIdentity(str(build_id), ctx.name))
     except DjinnError as exc:
         with transaction(ctx.sessions) as session:
             build = session.get(Build, build_id, with_for_update=True)
