@@ -327,7 +327,12 @@ def test_unknown_top_level_key_is_a_warning_naming_key_and_line():
     cfg = worker('driver "os"\n\nparalelism 4\n')
     assert cfg.parallelism == 0
     assert len(cfg.warnings) == 1
-    assert cfg.warnings[0].startswith('worker.conf:3: unknown key "paralelism" ignored (known keys: pidfile, log, ')
+    assert cfg.warnings[0].startswith('worker.conf:3: unknown key "paralelism" ignored (known keys: ')
+    known = cfg.warnings[0].split("(known keys: ", 1)[1].rstrip(")").split(", ")
+    assert set(known) == {
+        "pidfile", "log", "parallelism", "driver", "timeout", "provider", "crypto", "database",
+        "redis", "smtp", "store", "metrics", "host", "orphan_timeout",
+    }
 
 
 def test_unknown_nested_keys_are_warnings_naming_key_block_and_line():

@@ -245,16 +245,25 @@ class StoreSettings:
     limit: int = setting(0, check="size")  # bytes; 0 = unlimited
 
 
+def _parallelism(sec: _Section, value: Any, key: str) -> int:
+    parallelism = sec.integer(value, key)
+    if parallelism < 0:
+        raise sec.error(key, "must be 0 (one per CPU) or more")
+    if parallelism > MAX_PARALLELISM:
+        raise sec.error(key, f"must be at most {MAX_PARALLELISM}")
+    return parallelism
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
-    """djinn-worker.conf, decoded."""
+    """djinn-worker.conf, decoded. Its blocks (log, provider, store, ...) have decoders of their own."""
 
-    driver: str
+    driver: str = setting(check=lambda sec, value, key: sec.choice(WORKER_DRIVERS)(value, key))
     source: str = "<config>"
-    pidfile: str | None = None
+    pidfile: str | None = setting(None, check="nonempty_string")
     log: LogSettings = LogSettings()
-    parallelism: int = 0  # as written; 0 = one per CPU, see resolved_parallelism
-    timeout: datetime.timedelta = DEFAULT_TIMEOUT
+    parallelism: int = setting(0, check=_parallelism)  # as written; 0 = one per CPU, see resolved_parallelism
+    timeout: datetime.timedelta = setting(DEFAULT_TIMEOUT, check="duration")
     providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
     crypto: CryptoSettings | None = None
     database: DatabaseSettings = DatabaseSettings()
@@ -263,9 +272,9 @@ class WorkerConfig:
     artifacts: StoreSettings = StoreSettings("/var/lib/djinn/artifacts")
     objects: StoreSettings = StoreSettings("/var/lib/djinn/objects")
     images: StoreSettings | None = None
-    metrics: str | None = None  # listen address for metrics, None = off
-    host: str | None = None  # the Djinn server's address, for links to builds in mail
-    orphan_timeout: datetime.timedelta = DEFAULT_ORPHAN_TIMEOUT
+    metrics: str | None = setting(None, check="nonempty_string")  # listen address for metrics, None = off
+    host: str | None = setting(None, check="nonempty_string")  # the Djinn server's address, for links to builds in mail
+    orphan_timeout: datetime.timedelta = setting(DEFAULT_ORPHAN_TIMEOUT, check="duration")
     # "FILE:LINE: ..." lines about keys ignored or deprecated, for stderr.
     warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
@@ -659,22 +668,8 @@ def _decode_stores(top: _Section) -> dict[str, StoreSettings]:
     return stores
 
 
-WORKER_KEYS = (
-    "pidfile",
-    "log",
-    "parallelism",
-    "driver",
-    "timeout",
-    "provider",
-    "crypto",
-    "database",
-    "redis",
-    "smtp",
-    "store",
-    "metrics",
-    "host",
-    "orphan_timeout",
-)
+#: The worker config's blocks, each decoded on its own; its plain keys are WorkerConfig's `setting` fields.
+WORKER_BLOCKS = ("log", "provider", "crypto", "database", "redis", "smtp", "store")
 
 
 def decode_worker(values: Mapping[str, Any], source: str = "<config>") -> WorkerConfig:
@@ -683,20 +678,13 @@ def decode_worker(values: Mapping[str, Any], source: str = "<config>") -> Worker
         source = values.pos.file if source == "<config>" else source
     warnings: list[str] = []
     top = _top(values, source, warnings)
-    top.check_keys(WORKER_KEYS)
-    parallelism = top.get("parallelism", top.integer, 0)
-    if parallelism < 0:
-        raise top.error("parallelism", "must be 0 (one per CPU) or more")
-    if parallelism > MAX_PARALLELISM:
-        raise top.error("parallelism", f"must be at most {MAX_PARALLELISM}")
+    top.check_keys((*config_keys(WorkerConfig), *WORKER_BLOCKS))
     stores = _decode_stores(top)
-    return WorkerConfig(
-        driver=top.get("driver", top.choice(WORKER_DRIVERS)),
+    config = decode_fields(
+        WorkerConfig,
+        top,
         source=source,
-        pidfile=top.get("pidfile", top.nonempty_string, None),
         log=_decode_log(top),
-        parallelism=parallelism,
-        timeout=top.get("timeout", top.duration, DEFAULT_TIMEOUT),
         providers=_decode_providers(top),
         crypto=_optional_block(top, "crypto", CryptoSettings),
         database=_decode_database(top),
@@ -705,11 +693,8 @@ def decode_worker(values: Mapping[str, Any], source: str = "<config>") -> Worker
         artifacts=stores.get("artifacts", WorkerConfig.artifacts),
         objects=stores.get("objects", WorkerConfig.objects),
         images=stores.get("images"),
-        metrics=top.get("metrics", top.nonempty_string, None),
-        host=top.get("host", top.nonempty_string, None),
-        orphan_timeout=top.get("orphan_timeout", top.duration, DEFAULT_ORPHAN_TIMEOUT),
-        warnings=tuple(warnings),
     )
+    return dataclasses.replace(config, warnings=tuple(warnings))  # with those its plain keys gave
 
 
 # Keys upstream's driver blocks know that this worker takes from the manifest instead.
