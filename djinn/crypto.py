@@ -86,7 +86,7 @@ class Hasher:
 
     def hash_at(self, unix_ns: int) -> str:
         """The hash the server gives an artifact created at `unix_ns`: of its digits, last digit first."""
-        return self._hashids.encode(*(int(d) for d in reversed(str(unix_ns))))
+        return str(self._hashids.encode(*(int(d) for d in reversed(str(unix_ns)))))
 
 
 _hashers: dict[str, Hasher] = {}

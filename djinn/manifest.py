@@ -183,7 +183,7 @@ class _Parser:
             what = "a NUL byte" if char == "\0" else f"\\u{ord(char):04x}, a lone surrogate that is not a character"
             self.problem(node, key, f"contains {what}; remove it")
             return None
-        return node.value
+        return str(node.value)
 
     def strings(self, node: yaml.Node, key: str) -> list[tuple[yaml.Node, str]]:
         if _is_null(node):
@@ -398,7 +398,7 @@ def _describe(node: yaml.Node) -> str:
         return "a mapping"
     if isinstance(node, yaml.SequenceNode):
         return "a list"
-    kind = node.tag.rsplit(":", 1)[-1]
+    kind = str(node.tag).rsplit(":", 1)[-1]
     return {"int": "a number", "float": "a number", "bool": "a boolean", "null": "null"}.get(kind, kind) + (
         f" ({node.value})" if kind not in ("null",) else ""
     )

@@ -13,7 +13,7 @@ import platform
 import sys
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 from djinn import __version__
 from djinn.errors import DjinnError
@@ -34,7 +34,7 @@ class Unreachable(DjinnError):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with Go-style single-dash long flags (`-config`) and exit code 2 on bad input."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 

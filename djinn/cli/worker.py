@@ -19,11 +19,12 @@ from __future__ import annotations
 # Each subcommand imports what it uses when it runs, so -help, -version and -check
 # answer without loading Celery, SQLAlchemy or a driver's client library.
 import argparse
+import datetime
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from djinn.cli import (
     EXIT_FAILED,
@@ -41,6 +42,12 @@ from djinn.cli import (
 )
 from djinn.config import DriverConfig, WorkerConfig, driver_kind, load_driver_config, load_worker_config
 from djinn.errors import ConfigError, DjinnError
+
+if TYPE_CHECKING:  # for annotations only: the subcommands import these when they run
+    from sqlalchemy.orm import Session
+
+    from djinn.db.models import Build
+    from djinn.worker.context import WorkerContext
 
 PROG = "djinn-worker"
 # Lengths of the users columns the submitted owner is written to (djinn.db.models.User).
@@ -81,7 +88,7 @@ def load_configs(config_path: str, driver_path: str) -> tuple[WorkerConfig, Driv
     return worker, drivers
 
 
-def effective_settings(worker: WorkerConfig, drivers: DriverConfig) -> dict:
+def effective_settings(worker: WorkerConfig, drivers: DriverConfig) -> dict[str, Any]:
     """What `-check` prints: the resolved settings, never a password, key or salt."""
     return {**worker.public_dict(), "drivers": drivers.public_dict()}
 
@@ -161,7 +168,7 @@ def run_daemon(config_path: str, driver_path: str, worker: WorkerConfig, drivers
 _in_use: WorkerConfig | None = None
 
 
-def _context(config_path: str):
+def _context(config_path: str) -> WorkerContext:
     """The command's WorkerContext, PostgreSQL checked first so that a database that is down is exit 1."""
     global _in_use
     from djinn.db.engine import check_connection
@@ -305,7 +312,7 @@ def _build_id(text: str) -> int:
     return int(text)
 
 
-def _get_build(session, build_id: int):
+def _get_build(session: Session, build_id: int) -> Build:
     from djinn.db.models import Build
 
     build = session.get(Build, build_id)
@@ -314,7 +321,7 @@ def _get_build(session, build_id: int):
     return build
 
 
-def _iso(value) -> str | None:
+def _iso(value: datetime.datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
@@ -327,7 +334,7 @@ def cmd_status(argv: Sequence[str]) -> int:
     with ctx.sessions() as session:
         build = _get_build(session, args.id)
         stage_names = {s.id: s.name for s in build.stages}
-        info = {
+        info: dict[str, Any] = {
             "id": build.id,
             "number": build.number,
             "status": build.status,

@@ -112,7 +112,7 @@ class Size(int):
         return f"Size({int(self)})"
 
 
-class ConfigDict(dict):
+class ConfigDict(dict[str, Any]):
     """A block's parameters as a plain dict, plus where each key was written.
 
     `positions[key]` is the Pos of the key; `labelled` holds the keys written

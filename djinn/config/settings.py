@@ -508,10 +508,10 @@ class _Section:
         return text
 
     def nonempty_string(self, value: Any, key: str) -> str:
-        value = self.string(value, key)
-        if not value:
+        text = self.string(value, key)
+        if not text:
             raise self.error(key, "must not be empty")
-        return value
+        return text
 
     def integer(self, value: Any, key: str) -> int:
         if isinstance(value, bool) or isinstance(value, Size) or not isinstance(value, int):
@@ -545,10 +545,10 @@ class _Section:
 
     def choice(self, choices: tuple[str, ...]) -> Callable[[Any, str], str]:
         def check(value: Any, key: str) -> str:
-            value = self.string(value, key)
-            if value not in choices:
-                raise self.error(key, f'unknown value {quoted(value)} (expected one of: {", ".join(choices)})')
-            return value
+            text = self.string(value, key)
+            if text not in choices:
+                raise self.error(key, f'unknown value {quoted(text)} (expected one of: {", ".join(choices)})')
+            return text
 
         return check
 

@@ -22,7 +22,8 @@ def driver_class(kind: str) -> type[Driver]:
         if exc.name == module_name:
             raise DriverError(f"the {kind} driver is not available in this version of djinn") from None
         raise
-    return module.DRIVER
+    driver: type[Driver] = module.DRIVER
+    return driver
 
 
 def make_driver(kind: str, settings: Mapping[str, Any], identity: BuildIdentity | None = None) -> Driver:

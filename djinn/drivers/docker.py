@@ -459,11 +459,12 @@ class DockerDriver(Driver):
                     )
         return current
 
-    def _archive(self, container: str, path: str, source: str) -> tuple[Any, dict] | None:
+    def _archive(self, container: str, path: str, source: str) -> tuple[Any, dict[str, Any]] | None:
         """The tar stream and stat of `path` in the container, None when it does not exist."""
         assert self.api is not None  # created
         try:
-            return self.api.get_archive(container, path)
+            found: tuple[Any, dict[str, Any]] = self.api.get_archive(container, path)
+            return found
         except docker.errors.NotFound:
             return None
         except _ENGINE_ERRORS as exc:
@@ -567,7 +568,8 @@ def _path_stat(header: str | None) -> dict[str, Any]:
     if not header:
         return {}
     try:
-        return json.loads(base64.b64decode(header))
+        stat: dict[str, Any] = json.loads(base64.b64decode(header))
+        return stat
     except (ValueError, TypeError):
         return {}
 

@@ -129,7 +129,7 @@ def _free_port() -> int:
     for _ in range(100):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+            port = int(s.getsockname()[1])
         with _ports_lock:
             if port not in _reserved_ports:
                 _reserved_ports.add(port)

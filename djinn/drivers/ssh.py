@@ -359,7 +359,7 @@ class SSHDriver(Driver):
                 allowed = list(exc.allowed_types)
             except paramiko.AuthenticationException:
                 pass
-            return transport.is_authenticated()
+            return bool(transport.is_authenticated())
 
         if pkey is not None and attempt("publickey", lambda: transport.auth_publickey(self.user, pkey)):
             return
@@ -515,7 +515,7 @@ class SSHDriver(Driver):
                     raise DriverError(f"the SSH connection to {self.address} was lost during the job")
                 output(b"\ndjinn: the job ended without an exit status (killed by a signal?)\n")
                 return -1
-            return channel.exit_status
+            return int(channel.exit_status)
         except BaseException:
             self._kill_running()  # never leave the job running behind an error
             raise

@@ -27,6 +27,7 @@ from djinn.db.engine import transaction
 from djinn.notify.common import (
     SEND_ADMIN_MAIL,
     SEND_FAILURE_MAIL,
+    NotifyContext,
     build_url,
     host,
     log,
@@ -70,13 +71,13 @@ WANTS_EVENTS = """
 
 
 @_never_raises
-def on_build_started(ctx: Any, build_id: int) -> None:
+def on_build_started(ctx: NotifyContext, build_id: int) -> None:
     """The build was claimed and is running: record its commit status and `build.started` webhooks."""
     with transaction(ctx.sessions) as session:
         record_event(ctx, session, build_id, "build.started")
 
 
-def record_build_finished(ctx: Any, session: Any, build_id: int) -> int:
+def record_build_finished(ctx: NotifyContext, session: Any, build_id: int) -> int:
     """The build's final rows are being written in `session`: record its `build.finished` notifications with them.
 
     Raises like any other statement of that transaction (it is part of it).
@@ -85,7 +86,7 @@ def record_build_finished(ctx: Any, session: Any, build_id: int) -> int:
 
 
 @_never_raises
-def on_build_failed(ctx: Any, build_id: int, status: Status, host: str | None = None) -> None:
+def on_build_failed(ctx: NotifyContext, build_id: int, status: Status, host: str | None = None) -> None:
     """The build ended failed, killed or timed_out: owe its mail, and hand it to the mail task.
 
     `host`: the Djinn server the build was queued from, for the mail's link.
@@ -97,7 +98,7 @@ def on_build_failed(ctx: Any, build_id: int, status: Status, host: str | None = 
             send_task(ctx, SEND_FAILURE_MAIL, build_id)
 
 
-def _admin_mail(ctx: Any, build_id: int | None, traceback_text: str) -> None:
+def _admin_mail(ctx: NotifyContext, build_id: int | None, traceback_text: str) -> None:
     if ctx.config.smtp is None:
         return
     subject, body = worker_error_mail(ctx, build_id, traceback_text)
@@ -105,12 +106,12 @@ def _admin_mail(ctx: Any, build_id: int | None, traceback_text: str) -> None:
 
 
 @_never_raises
-def on_worker_error(ctx: Any, build_id: int, error: BaseException) -> None:
+def on_worker_error(ctx: NotifyContext, build_id: int, error: BaseException) -> None:
     """The runner met an unexpected exception (runner.error): the operator gets the traceback."""
     _admin_mail(ctx, build_id, "".join(traceback.format_exception(error)))
 
 
 @_never_raises
-def on_task_error(ctx: Any, build_id: int | None, traceback_text: str) -> None:
+def on_task_error(ctx: NotifyContext, build_id: int | None, traceback_text: str) -> None:
     """The build task itself raised (a bug, not a failed build): the operator gets the traceback."""
     _admin_mail(ctx, build_id, traceback_text)

@@ -3,9 +3,31 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from djinn.config import WorkerConfig
+from djinn.crypto import Cipher
 
 log = logging.getLogger("djinn.notify")
+
+
+class NotifyContext(Protocol):
+    """What the notifiers use of a worker (djinn.worker.context.WorkerContext is one)."""
+
+    config: WorkerConfig
+    name: str
+
+    @property
+    def sessions(self) -> sessionmaker[Session]: ...
+
+    @property
+    def cipher(self) -> Cipher | None: ...
+
+    @property
+    def app(self) -> Any: ...  # the Celery app: tasks are sent through it
+
 
 SEND_FAILURE_MAIL = "djinn.send_failure_mail"
 SEND_ADMIN_MAIL = "djinn.send_admin_mail"
@@ -27,7 +49,7 @@ def build_url(base: str, username: str, number: int) -> str:
     return f"{base}/b/{username}/{number}"
 
 
-def send_task(ctx: Any, name: str, *args: Any, countdown: float | None = None) -> None:
+def send_task(ctx: NotifyContext, name: str, *args: Any, countdown: float | None = None) -> None:
     """Queue notification task `name` on this worker's own queue (it serves no other)."""
     options: dict[str, Any] = {"queue": ctx.config.queue}
     if countdown:

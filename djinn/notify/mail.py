@@ -35,7 +35,7 @@ import socket
 import ssl
 import time
 from email.message import EmailMessage
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 from djinn.config import SMTPSettings, split_address
 from djinn.db.engine import rowcount, transaction
 from djinn.db.models import Build, BuildJobOutput, BuildKey, BuildNotification, BuildTrigger, BuildVariable, NamespaceCollaborator, User
-from djinn.notify.common import build_url, host, log
+from djinn.notify.common import NotifyContext, build_url, host, log
 from djinn.runner.output import Masker
 
 MAIL = "mail"
@@ -118,7 +118,7 @@ def output_tail(session: Session, build_id: int, lines: int = TAIL_LINES) -> str
     return "\n".join(text.splitlines()[-lines:])
 
 
-def secret_values(ctx: Any, session: Session, build_id: int) -> list[str]:
+def secret_values(ctx: NotifyContext, session: Session, build_id: int) -> list[str]:
     """The build's masked variable values and key material, decrypted, to mask again in mail."""
     cipher = ctx.cipher
     if cipher is None:
@@ -156,7 +156,7 @@ def message(settings: SMTPSettings, to: Iterable[str], subject: str, body: str, 
 
 
 def compose_failure_mail(
-    ctx: Any, session: Session, build_id: int, link_host: str | None = None
+    ctx: NotifyContext, session: Session, build_id: int, link_host: str | None = None
 ) -> tuple[EmailMessage, list[str]] | None:
     """The failure mail for the build, or None when it has no one to go to.
 
@@ -164,7 +164,8 @@ def compose_failure_mail(
     linked instead of the config's `host`.
     """
     build = session.get(Build, build_id)
-    if build is None:
+    smtp = ctx.config.smtp
+    if build is None or smtp is None:  # no SMTP block: the worker sends no mail
         return None
     to = recipients(session, build)
     if not to:
@@ -176,7 +177,7 @@ def compose_failure_mail(
     base = link_host.rstrip("/") if link_host else host(ctx.config)
     body = failure_body(build_url(base, username, build.number), describe_trigger(build.trigger, username), tail)
     msg = message(
-        ctx.config.smtp,
+        smtp,
         to,
         f"Djinn CI - Build #{build.number} {build.status}",
         body,
@@ -233,7 +234,7 @@ def connect(settings: SMTPSettings, *, timeout: float = SMTP_TIMEOUT, implicit_t
         raise
 
 
-def send(settings: SMTPSettings, msg: EmailMessage, to: list[str], *, after_accept=None) -> None:
+def send(settings: SMTPSettings, msg: EmailMessage, to: list[str], *, after_accept: Callable[[], None] | None = None) -> None:
     """Deliver `msg`; `after_accept` runs once the server accepted it, before QUIT."""
     client = connect(settings)
     try:
@@ -252,7 +253,7 @@ def send(settings: SMTPSettings, msg: EmailMessage, to: list[str], *, after_acce
 # -- exactly once -----------------------------------------------------------------
 
 
-def owe_failure_mail(ctx: Any, build_id: int) -> bool:
+def owe_failure_mail(ctx: NotifyContext, build_id: int) -> bool:
     """Record that the build's failure mail is owed; True when a send should be queued.
 
     Without SMTP the row is recorded as skipped, so nothing mails it later.
@@ -270,7 +271,7 @@ def owe_failure_mail(ctx: Any, build_id: int) -> bool:
     return current == PENDING
 
 
-def _set_state(ctx: Any, build_id: int, state: str, *, error: str | None = None, sent: bool = False, only_from: str | None = None) -> None:
+def _set_state(ctx: NotifyContext, build_id: int, state: str, *, error: str | None = None, sent: bool = False, only_from: str | None = None) -> None:
     values: dict[str, Any] = {"state": state, "updated_at": func.now(), "error": error}
     if sent:
         values["sent_at"] = func.now()
@@ -281,7 +282,7 @@ def _set_state(ctx: Any, build_id: int, state: str, *, error: str | None = None,
         session.execute(query.values(**values))
 
 
-def _claim(ctx: Any, build_id: int) -> bool:
+def _claim(ctx: NotifyContext, build_id: int) -> bool:
     with transaction(ctx.sessions) as session:
         result = session.execute(
             update(BuildNotification)
@@ -291,7 +292,7 @@ def _claim(ctx: Any, build_id: int) -> bool:
         return rowcount(result) == 1
 
 
-def _mark_sent(ctx: Any, build_id: int, tries: int = 30) -> None:
+def _mark_sent(ctx: NotifyContext, build_id: int, tries: int = 30) -> None:
     """Record the send; the database may be restarting, and forgetting would mean a second mail."""
     for attempt in range(tries):
         try:
@@ -304,7 +305,7 @@ def _mark_sent(ctx: Any, build_id: int, tries: int = 30) -> None:
             time.sleep(min(2.0, 0.1 * 2**attempt))
 
 
-def deliver_failure_mail(ctx: Any, build_id: int, link_host: str | None = None) -> str:
+def deliver_failure_mail(ctx: NotifyContext, build_id: int, link_host: str | None = None) -> str:
     """Send the build's failure mail unless it was sent (or is being sent); says what happened.
 
     Raises OSError / smtplib.SMTPException while the SMTP server cannot take the
@@ -352,7 +353,7 @@ def _permanent(exc: smtplib.SMTPException) -> bool:
     return isinstance(exc, smtplib.SMTPDataError) and 500 <= exc.smtp_code < 600
 
 
-def _release(ctx: Any, build_id: int, exc: BaseException) -> None:
+def _release(ctx: NotifyContext, build_id: int, exc: BaseException) -> None:
     """Give a claim that did not get the mail accepted back to pending, for the retry."""
     try:
         if _current_state(ctx, build_id) == SENDING:
@@ -361,14 +362,14 @@ def _release(ctx: Any, build_id: int, exc: BaseException) -> None:
         log.warning("build %s: cannot release the mail claim: %s", build_id, db_exc)
 
 
-def _current_state(ctx: Any, build_id: int) -> str | None:
+def _current_state(ctx: NotifyContext, build_id: int) -> str | None:
     with ctx.sessions() as session:
         return session.scalar(
             select(BuildNotification.state).where(BuildNotification.build_id == build_id, BuildNotification.kind == MAIL)
         )
 
 
-def give_up_failure_mail(ctx: Any, build_id: int, error: str) -> None:
+def give_up_failure_mail(ctx: NotifyContext, build_id: int, error: str) -> None:
     """Retries are exhausted: record why, so the sweep leaves the row alone."""
     _set_state(ctx, build_id, FAILED_STATE, error=error, only_from=PENDING)
     log.error("build %s: failure mail given up: %s", build_id, error)
@@ -377,7 +378,7 @@ def give_up_failure_mail(ctx: Any, build_id: int, error: str) -> None:
 # -- the operator's mail ------------------------------------------------------------
 
 
-def send_admin_mail(ctx: Any, subject: str, body: str) -> str:
+def send_admin_mail(ctx: NotifyContext, subject: str, body: str) -> str:
     """Mail the operator (`smtp.admin`) about a worker problem."""
     settings = ctx.config.smtp
     if settings is None:
@@ -386,7 +387,7 @@ def send_admin_mail(ctx: Any, subject: str, body: str) -> str:
     return f"sent to {settings.admin}"
 
 
-def worker_error_mail(ctx: Any, build_id: int | None, traceback_text: str) -> tuple[str, str]:
+def worker_error_mail(ctx: NotifyContext, build_id: int | None, traceback_text: str) -> tuple[str, str]:
     """Subject and body telling the operator a build hit a bug in the worker."""
     where = f"build {build_id}" if build_id is not None else "a task"
     link = ""

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from djinn.db.engine import rowcount, transaction
 from djinn.db.models import Build, NotificationOutbox
 from djinn.notify import statuses, webhooks
-from djinn.notify.common import log
+from djinn.notify.common import NotifyContext, log
 
 STATUS, WEBHOOK = "status", "webhook"
 PENDING, SENDING, SENT, FAILED = "pending", "sending", "sent", "failed"
@@ -51,7 +51,7 @@ PRUNE_EVERY = 3600.0
 RETRYABLE = (statuses.StatusRetry, webhooks.DeliveryFailed, SQLAlchemyError, OSError)
 
 
-def record_event(ctx: Any, session: Session, build_id: int, event: str) -> int:
+def record_event(ctx: NotifyContext, session: Session, build_id: int, event: str) -> int:
     """Record the commit status and webhook deliveries `event` owes, in the caller's transaction; returns how many."""
     build = session.get(Build, build_id)
     if build is None:
@@ -69,7 +69,7 @@ def record_event(ctx: Any, session: Session, build_id: int, event: str) -> int:
     return len(rows)
 
 
-def claim_due(ctx: Any, limit: int) -> list[int]:
+def claim_due(ctx: NotifyContext, limit: int) -> list[int]:
     """Take up to `limit` due rows for this worker (pending -> sending); stale `sending` rows go back to pending first."""
     with transaction(ctx.sessions) as session:
         session.execute(
@@ -95,7 +95,7 @@ def claim_due(ctx: Any, limit: int) -> list[int]:
     return ids
 
 
-def prune(ctx: Any) -> int:
+def prune(ctx: NotifyContext) -> int:
     """Delete rows sent or given up longer than KEEP_DONE ago; returns how many."""
     with transaction(ctx.sessions) as session:
         result = session.execute(
@@ -111,7 +111,7 @@ def backoff(attempts: int) -> float:
     return min(BACKOFF_MAX, 2.0 ** max(0, attempts - 1)) * random.uniform(0.5, 1.0)
 
 
-def send(ctx: Any, outbox_id: int) -> str:
+def send(ctx: NotifyContext, outbox_id: int) -> str:
     """One attempt at a claimed row; records the outcome and says what happened."""
     with ctx.sessions() as session:
         row = session.get(NotificationOutbox, outbox_id)
@@ -147,7 +147,7 @@ def send(ctx: Any, outbox_id: int) -> str:
     return result
 
 
-def _finish(ctx: Any, outbox_id: int, state: str, error: str | None, *, due_in: float | None = None, tries: int = 20) -> None:
+def _finish(ctx: NotifyContext, outbox_id: int, state: str, error: str | None, *, due_in: float | None = None, tries: int = 20) -> None:
     """Record an attempt's outcome; the database may be restarting, and forgetting means sending again."""
     values: dict[str, Any] = {"state": state, "error": error, "updated_at": func.now()}
     if state == SENT:
@@ -170,7 +170,7 @@ def _finish(ctx: Any, outbox_id: int, state: str, error: str | None, *, due_in: 
 class Dispatcher:
     """The thread of a worker's main process that sends due outbox rows on SENDERS threads of its own."""
 
-    def __init__(self, ctx: Any, interval: float = POLL_INTERVAL, senders: int = SENDERS) -> None:
+    def __init__(self, ctx: NotifyContext, interval: float = POLL_INTERVAL, senders: int = SENDERS) -> None:
         self.ctx = ctx
         self.interval = interval
         self.senders = senders

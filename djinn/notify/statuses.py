@@ -19,7 +19,7 @@ from djinn.config.settings import DEFAULT_PROVIDER_ENDPOINTS
 from djinn.db.engine import transaction
 from djinn.db.models import Build, BuildNotification, BuildTrigger, Provider, ProviderRepo
 from djinn.notify import http
-from djinn.notify.common import build_url, host, log
+from djinn.notify.common import NotifyContext, build_url, host, log
 from djinn.status import Status
 
 CONTEXT = "continuous-integration/djinn-ci"
@@ -103,7 +103,7 @@ def wants_status(trigger: BuildTrigger | None) -> bool:
     )
 
 
-def set_commit_status(ctx: Any, build_id: int) -> str:
+def set_commit_status(ctx: NotifyContext, build_id: int) -> str:
     """Post the build's current status to its pull request's commit; says what happened.
 
     Raises StatusRetry while the provider cannot be reached or answers 5xx.

@@ -14,13 +14,12 @@ Rows are locked with SKIP LOCKED, so several workers share the work.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
 from sqlalchemy import func, or_, select, text, update
 
 from djinn.db.engine import transaction
 from djinn.db.models import BuildNotification
-from djinn.notify.common import SEND_FAILURE_MAIL, log, send_task
+from djinn.notify.common import SEND_FAILURE_MAIL, NotifyContext, log, send_task
 from djinn.notify.mail import MAIL, PENDING, SENDING
 from djinn.observe import metrics
 from djinn.periodic import Periodic
@@ -35,7 +34,7 @@ PENDING_STALE = dt.timedelta(seconds=60)
 SENDING_STALE = dt.timedelta(minutes=10)
 
 
-def sweep(ctx: Any) -> list[int]:
+def sweep(ctx: NotifyContext) -> list[int]:
     """One pass; returns the ids of the builds whose mail it queued."""
     if ctx.config.smtp is None:
         return []
@@ -85,6 +84,6 @@ def sweep(ctx: Any) -> list[int]:
     return queued
 
 
-def Sweeper(ctx: Any, interval: float = INTERVAL) -> Periodic:
+def Sweeper(ctx: NotifyContext, interval: float = INTERVAL) -> Periodic:
     """The mail sweep thread of a worker's main process."""
     return Periodic("mail-sweep", interval, lambda: sweep(ctx), on_error=metrics.error)

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from djinn.db.engine import transaction
 from djinn.db.models import Build, Namespace, NamespaceWebhook, NamespaceWebhookDelivery, User
 from djinn.notify import http
-from djinn.notify.common import build_url, host, log
+from djinn.notify.common import NotifyContext, build_url, host, log
 
 # Upstream's event bit mask (djinn-ci.com/event): namespace_webhooks.events holds these.
 EVENTS = {
@@ -48,7 +48,7 @@ def _time(value: dt.datetime | None) -> str | None:
     return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _user(user) -> dict[str, Any] | None:
+def _user(user: User | None) -> dict[str, Any] | None:
     if user is None:
         return None
     return {"id": user.id, "email": user.email, "username": user.username, "created_at": _time(user.created_at)}
@@ -122,7 +122,7 @@ def hooks_for(session: Session, namespace_id: int | None, event: str) -> list[in
     )
 
 
-def event_payloads(ctx: Any, session: Session, build_id: int, event: str) -> list[tuple[int, str, str, str]]:
+def event_payloads(ctx: NotifyContext, session: Session, build_id: int, event: str) -> list[tuple[int, str, str, str]]:
     """(webhook id, event, event id, body) for every webhook that wants this build's `event`."""
     build = session.get(Build, build_id)
     if build is None:
@@ -140,7 +140,7 @@ def signature(secret: bytes, body: bytes) -> str:
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
-def deliver(ctx: Any, webhook_id: int, event: str, event_id: str, body: str, *, redelivery: bool = False) -> str:
+def deliver(ctx: NotifyContext, webhook_id: int, event: str, event_id: str, body: str, *, redelivery: bool = False) -> str:
     """POST one event to one webhook and record the attempt; raises DeliveryFailed unless 2xx."""
     with ctx.sessions() as session:
         hook = session.get(NamespaceWebhook, webhook_id)
@@ -170,7 +170,7 @@ def deliver(ctx: Any, webhook_id: int, event: str, event_id: str, body: str, *, 
 
 
 def _record(
-    ctx: Any, webhook_id: int, event: str, event_id: str, headers: dict[str, str], body: str, response: http.Response, redelivery: bool
+    ctx: NotifyContext, webhook_id: int, event: str, event_id: str, headers: dict[str, str], body: str, response: http.Response, redelivery: bool
 ) -> None:
     with transaction(ctx.sessions) as session:
         session.add(

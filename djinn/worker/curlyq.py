@@ -46,6 +46,7 @@ from sqlalchemy import select
 from djinn.db.models import Build
 from djinn.errors import DjinnError
 from djinn.status import Status
+from djinn.worker.context import WorkerContext
 from djinn.worker.gob import GobError, decode_payload, encode_payload
 from djinn.worker.kill import redis_client
 from djinn.worker.queue import enqueue
@@ -626,7 +627,7 @@ _SCRIPTS = {
 # -- in the worker ----------------------------------------------------------------------
 
 
-def hand_off(ctx: Any) -> Callable[[Job], None]:
+def hand_off(ctx: WorkerContext) -> Callable[[Job], None]:
     """The handler the worker runs for each curlyq job: the job's build becomes a Celery build task."""
     def handle(job: Job) -> None:
         try:
@@ -648,7 +649,7 @@ def hand_off(ctx: Any) -> Callable[[Job], None]:
     return handle
 
 
-def start_for_worker(ctx: Any) -> Consumer:
+def start_for_worker(ctx: WorkerContext) -> Consumer:
     """Serve the worker's curlyq queue (the Celery queue's namesake) until stopped."""
     # No retries inside redis-py: the consumer backs off itself, and a stop must not
     # wait for a client retrying a Redis that is away.
