@@ -16,6 +16,7 @@ Reject(requeue=True) puts it back on the Redis list for the next free worker.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import Task, shared_task
 from celery.exceptions import Reject
@@ -38,14 +39,14 @@ class BuildFailed(Exception):
         self.build_id = build_id
         self.status = status
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (BuildFailed, (self.build_id, self.status))
 
 
 class BuildTask(Task):
     """Mails about failed builds from Celery's failure hook."""
 
-    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         ctx = context.current()
         if isinstance(exc, BuildFailed):
             notify.on_build_failed(ctx, exc.build_id, exc.status, host=(kwargs or {}).get("host"))

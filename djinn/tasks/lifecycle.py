@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery.signals import (
     setup_logging,
@@ -39,14 +40,14 @@ _curlyq = None
 
 
 @setup_logging.connect
-def on_setup_logging(**_) -> None:
+def on_setup_logging(**_: Any) -> None:
     """Log lines as djinn.observe.logs writes them, to the config's `log` file at its level."""
     config = context.current().config
     logs.setup(config.log.level, config.log.file)
 
 
 @worker_init.connect
-def on_worker_init(sender=None, **_) -> None:
+def on_worker_init(sender: Any = None, **_: Any) -> None:
     global _controller
     _controller = sender
     try:
@@ -57,12 +58,12 @@ def on_worker_init(sender=None, **_) -> None:
 
 
 @worker_process_init.connect
-def on_worker_process_init(**_) -> None:
+def on_worker_process_init(**_: Any) -> None:
     shutdown.mark_pool_process()
 
 
 @worker_ready.connect
-def on_worker_ready(sender=None, **_) -> None:
+def on_worker_ready(sender: Any = None, **_: Any) -> None:
     """Clean up after dead builds, keep watching for builds whose worker died, take over the signals."""
     global _reaper, _curlyq
     ctx = context.current()
@@ -79,13 +80,13 @@ def on_worker_ready(sender=None, **_) -> None:
 
 
 @task_failure.connect
-def on_task_failure(sender=None, exception=None, **_) -> None:
+def on_task_failure(sender: Any = None, exception: BaseException | None = None, **_: Any) -> None:
     """Counted in djinn_errors_total unless the task says the exception is its expected result."""
     metrics.task_failed(sender, exception)
 
 
 @worker_shutting_down.connect
-def on_worker_shutting_down(**_) -> None:
+def on_worker_shutting_down(**_: Any) -> None:
     """Draining takes no new builds from the server's queue either: they stay there for other workers."""
     global _curlyq
     if _curlyq is not None:
@@ -94,7 +95,7 @@ def on_worker_shutting_down(**_) -> None:
 
 
 @worker_shutdown.connect
-def on_worker_shutdown(**_) -> None:
+def on_worker_shutdown(**_: Any) -> None:
     on_worker_shutting_down()
     if _reaper is not None:
         _reaper.stop()

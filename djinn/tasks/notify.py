@@ -13,6 +13,7 @@ messages an older worker queued; nothing queues them any more.
 from __future__ import annotations
 
 import smtplib
+from typing import Any
 
 from celery import Task, shared_task
 from celery.signals import worker_ready, worker_shutdown
@@ -33,7 +34,7 @@ MAIL_MAX_RETRIES = 3000
 
 
 class FailureMailTask(Task):
-    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Retries exhausted (only retried errors get here as such): record it, so nothing waits for it."""
         if isinstance(exc, MAIL_RETRY) and args:
             try:
@@ -99,7 +100,7 @@ def set_commit_status(build_id: int) -> str:
     retry_jitter=True,
     max_retries=8,
 )
-def deliver_webhook(self, webhook_id: int, event: str, event_id: str, body: str) -> str:
+def deliver_webhook(self: Any, webhook_id: int, event: str, event_id: str, body: str) -> str:
     """POST one build event to one namespace webhook, recording the attempt."""
     return webhooks.deliver(
         context.current(), int(webhook_id), event, event_id, body, redelivery=self.request.retries > 0
@@ -111,7 +112,7 @@ _dispatcher = None
 
 
 @worker_ready.connect
-def start_notifiers(**_) -> None:
+def start_notifiers(**_: Any) -> None:
     """Every worker sends due commit statuses and webhooks; workers that mail also sweep for owed mail."""
     global _sweeper, _dispatcher
     ctx = context.current()
@@ -126,7 +127,7 @@ def start_notifiers(**_) -> None:
 
 
 @worker_shutdown.connect
-def stop_notifiers(**_) -> None:
+def stop_notifiers(**_: Any) -> None:
     if _sweeper is not None:
         _sweeper.stop()
     if _dispatcher is not None:
