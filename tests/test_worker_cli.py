@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from services import free_port
-from worker_support import WORKER
+from worker_support import CELERY, WORKER
 
 QUEUED = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo hi']}\n"
 
@@ -231,3 +231,23 @@ def test_unknown_manifest_keys_are_warned_about_and_the_build_runs(worker_env, t
     assert warning.startswith("djinn-worker: warning: ") and "m.yml: line 2: build_timeout: unknown key" in warning, res.stderr
     build_id = json.loads(res.stdout)["id"]
     assert worker_env.wait_status(build_id)["status"] == "passed"
+
+
+@pytest.mark.parametrize(
+    "config, says",
+    [
+        ('driver "os"\nparallelism "x"\n', 'worker.conf:2: parallelism: expected an integer, got string "x"'),
+        (None, "worker.conf: cannot read config file: No such file or directory"),
+    ],
+    ids=["bad-value", "missing-file"],
+)
+def test_celery_command_with_a_bad_config_says_one_line_and_exits_2(tmp_path, config, says):
+    """`celery -A djinn worker` loads the config through celeryconfig: no traceback there either."""
+    path = tmp_path / "worker.conf"
+    if config is not None:
+        path.write_text(config)
+    env = {**os.environ, "DJINN_WORKER_CONFIG": str(path), "DJINN_DRIVER_CONFIG": str(tmp_path / "driver.conf")}
+    res = subprocess.run([CELERY, "-A", "djinn", "worker"], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.strip() == f"celery -A djinn: {path.parent}/{says}"
+    assert "Traceback" not in res.stdout + res.stderr
