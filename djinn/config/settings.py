@@ -177,6 +177,18 @@ class LogSettings:
     file: str | None = None  # None: standard error
 
 
+def one_of(choices: tuple[str, ...]) -> Check:
+    """A check that takes one of `choices`."""
+
+    def check(sec: _Section, value: Any, key: str) -> str:
+        text = sec.string(value, key)
+        if text not in choices:
+            raise sec.error(key, f'unknown value {quoted(text)} (expected one of: {", ".join(choices)})')
+        return text
+
+    return check
+
+
 def _crypto_block(sec: _Section, value: Any, key: str) -> str:
     block = sec.string(value, key)
     if len(block.encode()) not in (16, 24, 32):
@@ -241,7 +253,7 @@ class SMTPSettings:
 @dataclass(frozen=True)
 class StoreSettings:
     path: str = setting(check="nonempty_string")  # default: /var/lib/djinn/<name>
-    type: str = setting("file", check=lambda sec, value, key: sec.choice(("file",))(value, key))
+    type: str = setting("file", check=one_of(("file",)))
     limit: int = setting(0, check="size")  # bytes; 0 = unlimited
 
 
@@ -258,7 +270,7 @@ def _parallelism(sec: _Section, value: Any, key: str) -> int:
 class WorkerConfig:
     """djinn-worker.conf, decoded. Its blocks (log, provider, store, ...) have decoders of their own."""
 
-    driver: str = setting(check=lambda sec, value, key: sec.choice(WORKER_DRIVERS)(value, key))
+    driver: str = setting(check=one_of(WORKER_DRIVERS))
     source: str = "<config>"
     pidfile: str | None = setting(None, check="nonempty_string")
     log: LogSettings = LogSettings()
@@ -341,7 +353,7 @@ class QemuSettings:
     disks: str = setting("/var/lib/djinn/images", check="nonempty_string")  # <disks>/_base/qemu/x86_64/<image> or <disks>/qemu/x86_64/<image>
     cpus: int = setting(1, check=_cpus)
     memory: int = setting(2048, check=_memory_mib)  # MiB
-    accel: str = setting("auto", check=lambda sec, value, key: sec.choice(QEMU_ACCELS)(value, key))  # kvm when /dev/kvm works, else tcg
+    accel: str = setting("auto", check=one_of(QEMU_ACCELS))  # kvm when /dev/kvm works, else tcg
 
 
 @dataclass(frozen=True)
@@ -542,15 +554,6 @@ class _Section:
         if value < 0:
             raise self.error(key, "must not be negative")
         return int(value)
-
-    def choice(self, choices: tuple[str, ...]) -> Callable[[Any, str], str]:
-        def check(value: Any, key: str) -> str:
-            text = self.string(value, key)
-            if text not in choices:
-                raise self.error(key, f'unknown value {quoted(text)} (expected one of: {", ".join(choices)})')
-            return text
-
-        return check
 
     def block(self, key: str) -> _Section | None:
         """The unlabelled block at key, or None when absent."""

@@ -189,13 +189,6 @@ def compose_failure_mail(
 # -- sending --------------------------------------------------------------------
 
 
-def _split_addr(addr: str) -> tuple[str, int]:
-    try:
-        return split_address(addr, 25)
-    except ValueError:  # checked when the config was read; whatever it is, the server refuses it
-        return addr, 25
-
-
 def connect(settings: SMTPSettings, *, timeout: float = SMTP_TIMEOUT, implicit_tls: bool | None = None) -> smtplib.SMTP:
     """A logged-in SMTP session as the config asks.
 
@@ -204,7 +197,7 @@ def connect(settings: SMTPSettings, *, timeout: float = SMTP_TIMEOUT, implicit_t
     it is an error, never a silent fallback to plain text). Without `ca`, plain
     SMTP, as upstream. With `username` and `password`, AUTH PLAIN or else LOGIN.
     """
-    host_, port = _split_addr(settings.addr)
+    host_, port = split_address(settings.addr, 25)  # checked when the config was read
     context = ssl.create_default_context(cafile=settings.ca) if settings.ca else None
     if implicit_tls is None:
         implicit_tls = context is not None and port == SMTPS_PORT

@@ -57,14 +57,9 @@ def current() -> tuple[int | None, str | None]:
     process runs, when it runs just one.
     """
     build = getattr(_local, "build", None)
-    if build is None:
-        going = control.runs()
-        if len(going) != 1:
-            return None, None
-        run: control.RunControl | None = going[0]
-        build = going[0].build_id
-    else:
-        run = control.find(build)
+    run = control.sole() if build is None else control.find(build)
+    if build is None and run is not None:
+        build = run.build_id
     return build, run.job if run is not None else None
 
 

@@ -122,6 +122,14 @@ def runs() -> list[RunControl]:
         return [_running[build_id] for build_id in sorted(_running)]
 
 
+def sole() -> RunControl | None:
+    """The one run of this process, when it runs exactly one (asked for every log line: no copy, no sort)."""
+    with _lock:
+        if len(_running) != 1:
+            return None
+        return next(iter(_running.values()))
+
+
 def find(build_id: int) -> RunControl | None:
     with _lock:
         return _running.get(build_id)
