@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -9,16 +10,21 @@ import os
 import pytest
 
 from djinn.config import (
+    DockerSettings,
     DriverConfig,
+    OSSettings,
+    QemuSettings,
     SSHSettings,
     WorkerConfig,
     decode_driver,
     decode_worker,
     load_driver_config,
     load_worker_config,
+    override,
     parse_text,
     split_address,
 )
+from djinn.config.settings import setting
 from djinn.errors import ConfigError
 
 td = datetime.timedelta
@@ -516,17 +522,35 @@ def test_driver_defaults():
     assert cfg.public_dict()["ssh"] == {"timeout": 60, "user": "root", "key": None, "password_set": False}
 
 
-def test_settings_for_returns_plain_dicts_and_falls_back_to_defaults():
+def test_settings_for_returns_the_block_and_falls_back_to_defaults():
     cfg = decode_driver(parse_text('driver ssh {\n\tuser "ci"\n\ttimeout 10s\n}\n', "d.conf"))
-    assert cfg.settings_for("ssh") == {"timeout": td(seconds=10), "user": "ci", "password": None, "key": None}
-    assert cfg.settings_for("qemu") == {"disks": "/var/lib/djinn/images", "cpus": 1, "memory": 2048, "accel": "auto"}
+    assert cfg.settings_for("ssh") == SSHSettings(timeout=td(seconds=10), user="ci")
+    assert cfg.settings_for("qemu") == QemuSettings()
     assert cfg.settings_for("qemu-x86_64") == cfg.settings_for("qemu")
-    assert cfg.settings_for("docker") == {"host": None, "version": None}
-    assert cfg.settings_for("os") == {}
-    merged = {**cfg.settings_for("ssh"), **{"type": "ssh", "address": "10.0.0.2:22"}}
-    assert merged["user"] == "ci" and merged["address"] == "10.0.0.2:22"
+    assert cfg.settings_for("docker") == DockerSettings()
+    assert cfg.settings_for("os") == OSSettings()
     with pytest.raises(ConfigError, match="unknown driver type 'lxc'"):
         cfg.settings_for("lxc")
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunSettings(SSHSettings):
+    address: str = setting("")
+    cpus: int = setting(1, check="integer")
+
+
+def test_override_lays_manifest_strings_over_the_block_through_each_fields_check():
+    block = SSHSettings(timeout=td(seconds=10), user="ci")
+    merged = override(_RunSettings, block, {"type": "ssh", "address": "10.0.0.2:22", "timeout": "1m30s", "cpus": "4", "key": None})
+    assert merged == _RunSettings(timeout=td(seconds=90), user="ci", address="10.0.0.2:22", cpus=4)
+    assert override(_RunSettings, None, {}) == _RunSettings()  # the declared defaults
+    assert override(_RunSettings, block, {"timeout": td(seconds=5), "cpus": 2}).cpus == 2  # typed values as they are
+    with pytest.raises(ConfigError, match=r'^manifest: driver\.cpus: expected an integer, got string "many"$'):
+        override(_RunSettings, block, {"cpus": "many"})
+    with pytest.raises(ConfigError, match=r"driver\.timeout: must be a positive duration"):
+        override(_RunSettings, block, {"timeout": "-5s"})
+    with pytest.raises(ConfigError, match=r"driver\.user: must not be empty"):
+        override(_RunSettings, block, {"user": ""})
 
 
 def test_qemu_memory_as_size_literal_is_converted_to_mib():

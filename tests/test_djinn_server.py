@@ -451,13 +451,12 @@ def test_a_failing_and_a_killed_server_build_end_as_they_should(docker_server_en
 
 
 def test_a_qemu_build_uses_its_users_own_image_before_the_base_images(server_env):
-    from types import SimpleNamespace
 
     from djinn.config.settings import DatabaseSettings
     from djinn.db import engine as db
+    from djinn.db import load
     from djinn.drivers.qemu import QEMUDriver, user_image_path
     from djinn.errors import DriverError
-    from djinn.worker.execute import decode_build, fetch_build
 
     env = server_env
     env.cli("migrate")
@@ -473,8 +472,8 @@ def test_a_qemu_build_uses_its_users_own_image_before_the_base_images(server_env
     engine = db.make_engine(DatabaseSettings(addr=env.postgres.addr, name=env.database, username="postgres"))
     try:
         with db.sessions(engine)() as session:
-            loaded_own = decode_build(SimpleNamespace(cipher=None), fetch_build(session, own))
-            loaded_base = decode_build(SimpleNamespace(cipher=None), fetch_build(session, base))
+            loaded_own = load.decode(load.read(session, own), None)
+            loaded_base = load.decode(load.read(session, base), None)
     finally:
         engine.dispose()
     assert loaded_own.image == (alice, "alices01") and loaded_base.image is None

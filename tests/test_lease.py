@@ -12,12 +12,14 @@ import threading
 from typing import Any, Callable
 
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event
 from waiting import wait_for
 
+from djinn.db import load
 from djinn.db.engine import sessions as make_sessions
 from djinn.db.engine import transaction
 from djinn.db.lease import MAX_ATTEMPTS, ORPHANED_TAG, beat, claim, held, orphans, reset_for_rerun
+from djinn.db.load import claim_and_load
 from djinn.db.models import Build
 from djinn.runner.store import FileStore
 from djinn.status import Status
@@ -186,3 +188,47 @@ def test_status_columns_read_back_as_status_members(worker_env, db):
         build = session.get(Build, build_id)
         assert build is not None and build.status is Status.QUEUED
         assert all(job.status is Status.QUEUED for job in build.jobs)
+
+
+def test_claim_and_load_takes_a_queued_build_and_reads_it_in_one_statement(worker_env, db):
+    build_id = worker_env.submit(MANIFEST)
+    engine = db.kw["bind"]
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda conn, cursor, sql, *rest: statements.append(sql))
+    with transaction(db) as session:
+        claimed = claim_and_load(session, build_id, "w1")
+    assert claimed is not None
+    lease, loaded = claimed
+    assert lease.attempt == 1 and loaded["id"] == build_id
+    assert len(statements) == 1 and statements[0].lstrip().startswith("WITH b AS (")
+    assert row(worker_env, build_id) == ("running", "w1", 1)
+    assert [job.commands for stage in load.decode(loaded, None).plan.stages for job in stage.jobs] == [(), ("true",)]  # create-driver, then the job
+
+    statements.clear()
+    with transaction(db) as session:
+        assert claim_and_load(session, build_id, "w2") is None  # running: not w2's, and left as it was
+    assert len(statements) > 1  # took lease.claim's locking path
+    assert row(worker_env, build_id) == ("running", "w1", 1)
+
+
+def test_claim_and_load_of_a_build_out_of_attempts_gives_it_up(worker_env, db):
+    build_id = worker_env.submit(MANIFEST)
+    worker_env.sql("UPDATE builds SET attempt = :n WHERE id = :id", n=MAX_ATTEMPTS, id=build_id)
+    with transaction(db) as session:
+        assert claim_and_load(session, build_id, "w1") is None
+    assert row(worker_env, build_id) == ("failed", None, MAX_ATTEMPTS)
+
+
+def test_a_claim_and_load_waits_for_a_concurrent_claim_and_then_reads_nothing(worker_env, db):
+    build_id = worker_env.submit(MANIFEST)
+    with transaction(db) as first:
+        assert claim(first, build_id, "w1") is not None
+
+        def second_claim():
+            with transaction(db) as second:
+                return claim_and_load(second, build_id, "w2")
+
+        thread, result = in_thread(second_claim)
+        wait_for(lambda: waiting_on_a_lock(worker_env), 10, "the second claim to wait on the row lock")
+    assert joined(thread, result) is None
+    assert row(worker_env, build_id) == ("running", "w1", 1)

@@ -337,7 +337,7 @@ def test_unexpected_worker_error_mails_the_admin_a_traceback(worker_env, smtp_se
     assert msg["Subject"] == f"Djinn CI - Worker error in build #1 (id {build_id})"
     body = received.body
     assert "Traceback (most recent call last)" in body
-    assert "TypeError" in body and "decode_build" in body
+    assert "TypeError" in body and 'djinn/db/load.py", line' in body and "in decode" in body
     assert f"Build: {DEFAULT_HOST}/b/alice/1" in body
 
 

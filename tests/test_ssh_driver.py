@@ -28,7 +28,7 @@ from sshd_support import SSHServer
 from waiting import wait_for
 
 from djinn.config import DriverConfig, SSHSettings
-from djinn.drivers.ssh import SSHDriver, parse_address, parse_timeout
+from djinn.drivers.ssh import SSHDriver, parse_address
 from djinn.errors import DriverError
 from djinn.runner.engine import Key, Runner, Variable
 from djinn.status import Status
@@ -61,7 +61,7 @@ def wait_dead(pid: int, within: float = 10.0) -> bool:
 
 def make_runner(manifest: str, reporter, tmp_path: Path, settings: dict, **kwargs) -> tuple[Runner, SSHDriver]:
     def driver_for(m):
-        return SSHDriver({**DriverConfig.defaults().settings_for("ssh"), **settings, **m.driver})
+        return SSHDriver({**settings, **m.driver}, configured=DriverConfig.defaults().settings_for("ssh"))
 
     return runner_for(manifest, driver_for, reporter, tmp_path, **kwargs)
 
@@ -492,13 +492,19 @@ def test_settings_parsing():
         parse_address("")
     with pytest.raises(DriverError, match="invalid ssh address"):
         parse_address("host:notaport")
-    assert parse_timeout(datetime.timedelta(seconds=90)) == 90
-    assert parse_timeout("1m30s") == 90
-    with pytest.raises(DriverError, match="timeout"):
-        parse_timeout("soon")
-    with pytest.raises(DriverError, match="timeout"):
+    with pytest.raises(DriverError, match="invalid ssh address ':22': the host is missing"):
+        parse_address(":22")
+    assert SSHDriver({"timeout": "1m30s"}).timeout == 90
+    assert SSHDriver({"timeout": datetime.timedelta(seconds=90)}).timeout == 90
+    with pytest.raises(DriverError, match=r"^ssh driver: manifest: driver\.timeout: invalid duration 'soon'"):
+        SSHDriver({"timeout": "soon"})
+    with pytest.raises(DriverError, match="timeout: must be a positive duration"):
         SSHDriver({"timeout": "-5s"})
-    driver = SSHDriver({**DriverConfig.defaults().settings_for("ssh"), "address": "h"})
+    # The driver config's block, overridden by the manifest's map.
+    configured = SSHSettings(timeout=datetime.timedelta(seconds=5), user="ci", key="/k")
+    driver = SSHDriver({"address": "h", "user": "deploy"}, configured=configured)
+    assert (driver.user, driver.password, driver.key_file, driver.timeout, driver.settings.address) == ("deploy", None, "/k", 5, "h")
+    driver = SSHDriver(configured=DriverConfig.defaults().settings_for("ssh"))
     assert (driver.user, driver.password, driver.key_file, driver.timeout) == ("root", None, None, SSHSettings().timeout.total_seconds())
 
 

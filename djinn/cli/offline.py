@@ -144,10 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DjinnError(f"-timeout {args.timeout}: must be a positive duration of at most {int(threading.TIMEOUT_MAX // 3600)}h")
         variables = [Variable(k, v) for k, v in manifest.env]
         variables += _variables(args.env, "-env", False) + _variables(args.secret, "-secret", True)
-        settings = {**config.settings_for(manifest.driver_type), **manifest.driver}
         # A manifest run here may name its build (`driver: {build_id: ...}`): the docker
         # driver labels its containers with it, so a script can find them.
-        driver = make_driver(manifest.driver_type, settings, BuildIdentity(str(manifest.driver.get("build_id") or "")))
+        identity = BuildIdentity(str(manifest.driver.get("build_id") or ""))
+        driver = make_driver(manifest.driver_type, manifest.driver, identity, configured=config.settings_for(manifest.driver_type))
     except DjinnError as exc:
         return fail(PROG, exc, EXIT_INVALID)
 

@@ -34,6 +34,7 @@ from djinn.config.settings import (
     driver_kind,
     load_driver_config,
     load_worker_config,
+    override,
     queue_for_driver,
     split_address,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "driver_kind",
     "load_driver_config",
     "load_worker_config",
+    "override",
     "parse_duration",
     "parse_file",
     "parse_size",

@@ -27,10 +27,11 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, TypeVar
 
-from djinn.config.language import ConfigDict, Pos, Size, config_error, parse_duration, parse_file
+from djinn.config.language import ConfigDict, Pos, Size, config_error, parse_duration, parse_file, parse_size
 from djinn.errors import ConfigError
 
 
@@ -389,19 +390,13 @@ class DriverConfig:
     def configured(self) -> tuple[str, ...]:
         return tuple(name for name in DRIVERS if getattr(self, name) is not None)
 
-    def settings_for(self, driver_type: str) -> dict[str, Any]:
-        """That driver's settings as a plain dict, built-in defaults when the file lacks it.
-
-        Meant to be merged under a manifest's driver map; includes secrets (the driver
-        needs them) and keeps typed values (timedelta, int).
-        """
+    def settings_for(self, driver_type: str) -> Any:
+        """That driver's settings object (built-in defaults when the file lacks its block), for the driver to extend."""
         name = driver_kind(driver_type)
         if name not in DRIVERS:
             raise ConfigError(f"unknown driver type {driver_type!r} (expected one of: {', '.join(WORKER_DRIVERS)})")
         settings = getattr(self, name)
-        if settings is None:
-            settings = getattr(DriverConfig.defaults(), name)
-        return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+        return getattr(DriverConfig.defaults(), name) if settings is None else settings
 
     def public_dict(self) -> dict[str, Any]:
         """The configured drivers' settings, JSON-able, without passwords."""
@@ -593,11 +588,57 @@ def decode_fields(cls: type[T], sec: _Section, defaults: Mapping[str, Any] | Non
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # every settings class is a dataclass
         if f.name in given or "check" not in f.metadata:
             continue
-        check = f.metadata["check"]
-        decode = getattr(sec, check) if isinstance(check, str) else (lambda value, key, check=check: check(sec, value, key))
         default = (defaults or {}).get(f.name, _MISSING if f.default is dataclasses.MISSING else f.default)
-        values[f.name] = sec.get(f.name, decode, default)
+        values[f.name] = sec.get(f.name, _decoder(sec, f), default)
     return cls(**values, **given)
+
+
+def _decoder(sec: _Section, f: dataclasses.Field[Any]) -> Callable[[Any, str], Any]:
+    """The (value, key) check a `setting` field declares, bound to `sec`."""
+    check = f.metadata["check"]
+    if isinstance(check, str):
+        method: Callable[[Any, str], Any] = getattr(sec, check)
+        return method
+    return lambda value, key: check(sec, value, key)
+
+
+def _literal(text: str) -> Any:
+    """A string read as the config language would read it unquoted: 4096, 2GB, 30s; else the string."""
+    if re.fullmatch(r"-?[0-9]+", text.strip()):
+        return int(text)
+    for parse in (parse_size, parse_duration):
+        try:
+            return parse(text)
+        except ConfigError:
+            pass
+    return text
+
+
+def override(cls: type[T], base: Any, values: Mapping[str, Any], where: str = "driver", source: str = "manifest") -> T:
+    """A `cls` with `base`'s fields (a settings object; None for the defaults) and the keys of `values` laid over them.
+
+    This is how a driver's settings are made (SPEC 4): `base` is its driver-config
+    block and `values` the manifest's `driver` map. Each value is decoded by its
+    field's check; since a manifest's values are all strings, a string the check
+    refuses is read again as an unquoted config literal (4096, 2GB, 30s). Keys
+    that are not fields of `cls` (`type`, ...) are the caller's; None is unset.
+    """
+    known = {f.name: f for f in dataclasses.fields(cls) if "check" in f.metadata}  # type: ignore[arg-type]
+    merged = {name: getattr(base, name) for name in known if base is not None and hasattr(base, name)}
+    sec = _Section(dict(values), source, where, Pos(source), [])
+    for key, value in values.items():
+        f = known.get(key)
+        if f is None or value is None:
+            continue
+        decode = _decoder(sec, f)
+        try:
+            merged[key] = decode(value, key)
+        except ConfigError:
+            literal = _literal(value) if isinstance(value, str) else value
+            if literal is value:
+                raise
+            merged[key] = decode(literal, key)
+    return cls(**merged)
 
 
 def _optional_block(sec: _Section, key: str, cls: type[T]) -> T | None:

@@ -26,9 +26,9 @@ def driver_class(kind: str) -> type[Driver]:
     return driver
 
 
-def make_driver(kind: str, settings: Mapping[str, Any], identity: BuildIdentity | None = None) -> Driver:
-    """A driver of `kind` with `settings` (driver config merged with the manifest's driver map)."""
-    return driver_class(kind)(settings, identity)
+def make_driver(kind: str, values: Mapping[str, Any], identity: BuildIdentity | None = None, *, configured: Any = None) -> Driver:
+    """A driver of `kind`: its driver-config block `configured` (defaults when None) overridden by `values`, the manifest's map."""
+    return driver_class(kind)(values, identity, configured=configured)
 
 
 __all__ = ["BuildIdentity", "Driver", "Output", "driver_class", "make_driver"]

@@ -8,9 +8,13 @@ runner calls `cancel` from another thread to stop whatever is in progress.
 from __future__ import annotations
 
 import abc
+import builtins
 import posixpath
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, ClassVar, Iterator, Mapping
+
+from djinn.config.settings import override
+from djinn.errors import ConfigError, DriverError
 
 Output = Callable[[bytes], None]
 
@@ -29,11 +33,20 @@ class BuildIdentity:
 class Driver(abc.ABC):
     #: The manifest's `driver.type` this class serves.
     type: ClassVar[str]
+    #: Everything this driver reads: its driver-config block's fields plus the manifest keys it takes.
+    Settings: ClassVar[builtins.type[Any]]  # `type` is the name of the class variable above
 
-    def __init__(self, settings: Mapping[str, Any], identity: BuildIdentity | None = None) -> None:
-        #: The driver config's settings merged with the manifest's driver map.
-        self.settings = dict(settings)
+    def __init__(self, values: Mapping[str, Any] | None = None, identity: BuildIdentity | None = None, *, configured: Any = None) -> None:
+        self.settings = self.decode_settings(values, configured)
         self.identity = identity or BuildIdentity()
+
+    @classmethod
+    def decode_settings(cls, values: Mapping[str, Any] | None = None, configured: Any = None) -> Any:
+        """The driver's typed settings: `configured` (its driver-config block) overridden by `values` (the manifest's map)."""
+        try:
+            return override(cls.Settings, configured, values or {})
+        except ConfigError as exc:
+            raise DriverError(f"{cls.type} driver: {exc}") from None
 
     @abc.abstractmethod
     def create(self, env: Mapping[str, str], log: Output) -> None:
@@ -60,8 +73,13 @@ class Driver(abc.ABC):
         """Remove everything the build made. Safe to call more than once."""
 
     @classmethod
-    def check(cls, settings: Mapping[str, Any]) -> None:
-        """Raise DriverError when this host cannot run builds with this driver (checked at start-up)."""
+    def settings_of(cls, given: Any) -> Any:
+        """`given` as this driver's settings: a driver-config block, or a map of values over the defaults."""
+        return cls.decode_settings(given) if isinstance(given, Mapping) else cls.decode_settings(None, given)
+
+    @classmethod
+    def check(cls, configured: Any) -> None:
+        """Raise DriverError when this host cannot run builds with these settings (checked at start-up)."""
         return None  # most drivers have nothing to check
 
     def key_location(self, name: str) -> str:

@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Collection, Iterable, Iterator, Mapping, cast
 
 import docker
@@ -49,6 +50,7 @@ import docker.errors
 import requests.exceptions
 from docker.types import LogConfig, Mount
 
+from djinn.config.settings import DockerSettings, setting
 from djinn.drivers.base import BuildIdentity, Driver, Output
 from djinn.drivers.environment import refused_names_message, shell_exports
 from djinn.errors import DriverError
@@ -155,15 +157,25 @@ class _Placement:
         self.data.close()
 
 
+@dataclass(frozen=True)
+class DockerRunSettings(DockerSettings):
+    """What one build's docker driver reads: the driver config's block plus the manifest's keys."""
+
+    image: str = setting("")
+    workspace: str = setting("")
+
+
 class DockerDriver(Driver):
     type = "docker"
+    Settings = DockerRunSettings
+    settings: DockerRunSettings
 
-    def __init__(self, settings: Mapping[str, Any], identity: BuildIdentity | None = None) -> None:
-        super().__init__(settings, identity)
-        self.image = str(self.settings.get("image") or "")
-        self.workspace = str(self.settings.get("workspace") or "")
-        self.host = self.settings.get("host") or None
-        self.version = self.settings.get("version") or None
+    def __init__(self, values: Mapping[str, Any] | None = None, identity: BuildIdentity | None = None, *, configured: Any = None) -> None:
+        super().__init__(values, identity, configured=configured)
+        self.image = self.settings.image
+        self.workspace = self.settings.workspace
+        self.host = self.settings.host
+        self.version = self.settings.version
         self.build_id = self.identity.build_id or uuid.uuid4().hex
         self.worker = self.identity.worker or DEFAULT_WORKER
         self.labels = {BUILD_LABEL: self.build_id, WORKER_LABEL: self.worker}
@@ -188,13 +200,14 @@ class DockerDriver(Driver):
         self.leftovers: list[str] = []
 
     @classmethod
-    def check(cls, settings: Mapping[str, Any]) -> None:
+    def check(cls, configured: Any) -> None:
         """At worker start-up: the Docker engine answers (a clear DriverError when it does not)."""
-        api = _api_client(settings.get("host") or None, settings.get("version") or None)
+        settings = cls.settings_of(configured)
+        api = _api_client(settings.host, settings.version)
         try:
             api.ping()
         except _ENGINE_ERRORS as exc:
-            raise DriverError(f"cannot reach the Docker engine at {_address(settings.get('host') or None)}: {_explain(exc)}") from None
+            raise DriverError(f"cannot reach the Docker engine at {_address(settings.host)}: {_explain(exc)}") from None
         finally:
             api.close()
 
@@ -637,13 +650,13 @@ def _close_chunks(chunks: Any) -> None:
 
 
 def _client(client_or_settings: Any) -> tuple[docker.APIClient, bool]:
-    """A low-level client from a client, a high-level client, or settings (host, version); and whether we own it."""
+    """A low-level client from a client, a high-level client, or docker settings (a map or a block); and whether we own it."""
     if isinstance(client_or_settings, docker.APIClient):
         return client_or_settings, False
     if isinstance(client_or_settings, docker.DockerClient):
         return client_or_settings.api, False
-    settings = client_or_settings or {}
-    return _api_client(settings.get("host") or None, settings.get("version") or None), True
+    settings = DockerDriver.settings_of(client_or_settings or {})
+    return _api_client(settings.host, settings.version), True
 
 
 def sweep(

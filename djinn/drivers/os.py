@@ -24,8 +24,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import BinaryIO, Iterator, Mapping
+from typing import Any, BinaryIO, Iterator, Mapping
 
+from djinn.config.settings import OSSettings
 from djinn.drivers import leftovers
 from djinn.drivers.base import BuildIdentity, Driver, Output
 from djinn.errors import DriverError
@@ -47,9 +48,10 @@ KILL_ROUNDS = 50
 
 class OSDriver(Driver):
     type = "os"
+    Settings = OSSettings
 
-    def __init__(self, settings: Mapping[str, object] | None = None, identity: BuildIdentity | None = None) -> None:
-        super().__init__(settings or {}, identity)
+    def __init__(self, values: Mapping[str, Any] | None = None, identity: BuildIdentity | None = None, *, configured: Any = None) -> None:
+        super().__init__(values, identity, configured=configured)
         self.root: Path | None = None
         self.env: dict[str, str] = {}
         self._lock = threading.Lock()

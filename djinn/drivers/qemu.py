@@ -18,6 +18,7 @@ optionally `key`/`password`/`user` for the login and `timeout` for the boot
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import shutil
@@ -27,22 +28,21 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping
 
 from djinn.config.language import format_duration
+from djinn.config.settings import QemuSettings, setting
 from djinn.drivers import leftovers
 from djinn.drivers.base import BuildIdentity, Driver, Output
-from djinn.drivers.ssh import SSHDriver, parse_timeout
+from djinn.drivers.ssh import SSHDriver, SSHRunSettings
 from djinn.errors import DriverError
 
 ARCH = "x86_64"
 #: Per-build directories (QEMU's log and snapshot overlay) are <tmp>/djinn-qemu-*, with an owner marker.
 DIR_PREFIX = "djinn-qemu-"
 QEMU = f"qemu-system-{ARCH}"
-DEFAULT_DISKS = "/var/lib/djinn/images"
-DEFAULT_CPUS = 1
-DEFAULT_MEMORY = 2048  # MiB
 #: Bound on booting until SSH answers, when no `timeout` setting is given (the runner's creation limit).
 DEFAULT_BOOT_TIMEOUT = 5 * 60.0
 #: Each SSH attempt while the guest boots: QEMU accepts the TCP connection before the
@@ -104,24 +104,11 @@ def image_path(disks: str, image: str) -> Path:
     return next((path for path in candidates if path.is_file()), candidates[0])
 
 
-def user_image_path(disks: str | None, user_id: int, hash_: str) -> str:
+def user_image_path(disks: str, user_id: int, hash_: str) -> str:
     """A user's own image (an `images` row), `<disks>/<user_id>/qemu/<hash>`, as the server stores uploads."""
     if not re.fullmatch(r"[A-Za-z0-9_-]+", hash_ or ""):
         raise DriverError(f"invalid qemu image hash {hash_!r} in the images table")
-    return str(Path(disks or DEFAULT_DISKS) / str(int(user_id)) / "qemu" / hash_)
-
-
-def _int_setting(settings: Mapping[str, Any], key: str, default: int, minimum: int = 1) -> int:
-    value = settings.get(key)
-    if value is None or value == "":
-        return default
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise DriverError(f"qemu driver {key}: expected a whole number, got {value!r}") from None
-    if isinstance(value, bool) or number < minimum:
-        raise DriverError(f"qemu driver {key}: must be at least {minimum}, got {value!r}")
-    return number
+    return str(Path(disks) / str(int(user_id)) / "qemu" / hash_)
 
 
 def _free_port() -> int:
@@ -184,29 +171,40 @@ def _opt(value: str) -> str:
 
 
 
+@dataclass(frozen=True)
+class QemuRunSettings(QemuSettings):
+    """What one build's qemu driver reads: the driver config's block plus the manifest's keys.
+
+    `user_image` is set by the worker (never by a manifest) when the build's user has an
+    image of that name. The rest is how to log in to the guest.
+    """
+
+    image: str = setting("")
+    user_image: str = setting("")
+    timeout: datetime.timedelta = setting(datetime.timedelta(seconds=DEFAULT_BOOT_TIMEOUT), check="duration")
+    user: str = setting("root", check="nonempty_string")
+    password: str | None = setting(None, secret=True)
+    key: str | None = setting(None, check="nonempty_string")
+
+
 class QEMUDriver(Driver):
     """One VM per build, its jobs run through an SSHDriver session (composition, as upstream)."""
 
     type = "qemu"
+    Settings = QemuRunSettings
+    settings: QemuRunSettings
 
-    def __init__(self, settings: Mapping[str, Any] | None = None, identity: BuildIdentity | None = None) -> None:
-        super().__init__(settings or {}, identity)
+    def __init__(self, values: Mapping[str, Any] | None = None, identity: BuildIdentity | None = None, *, configured: Any = None) -> None:
+        super().__init__(values, identity, configured=configured)
         s = self.settings
-        self.image = str(s.get("image") or "")
-        # Set by the worker (never by a manifest) when the build's user has an image of that name.
-        self.user_image = str(s.get("user_image") or "")
-        self.disks = str(s.get("disks") or DEFAULT_DISKS)
-        self.cpus = _int_setting(s, "cpus", DEFAULT_CPUS)
-        self.memory = _int_setting(s, "memory", DEFAULT_MEMORY, minimum=16)
-        self.accel_setting = str(s.get("accel") or "auto")
-        timeout = s.get("timeout")
-        self.boot_timeout = parse_timeout(timeout, "timeout") if timeout not in (None, "") else DEFAULT_BOOT_TIMEOUT
-        ssh_settings: dict[str, Any] = {"user": str(s.get("user") or "root"), "timeout": self.boot_timeout}
-        if s.get("key"):
-            ssh_settings["key"] = str(s["key"])
-        if s.get("password") is not None:
-            ssh_settings["password"] = str(s["password"])
-        self.ssh = SSHDriver(ssh_settings)
+        self.image = s.image
+        self.user_image = s.user_image
+        self.disks = s.disks
+        self.cpus = s.cpus
+        self.memory = s.memory
+        self.accel_setting = s.accel
+        self.boot_timeout = s.timeout.total_seconds()
+        self.ssh = SSHDriver(configured=SSHRunSettings(timeout=s.timeout, user=s.user, password=s.password, key=s.key))
         self.accel: str | None = None
         self.port: int | None = None
         self.pid: int | None = None
@@ -217,12 +215,13 @@ class QEMUDriver(Driver):
         self._cancelled = threading.Event()
 
     @classmethod
-    def check(cls, settings: Mapping[str, Any]) -> None:
+    def check(cls, configured: Any) -> None:
         """At worker start-up: QEMU is installed and the configured acceleration can work."""
+        settings = cls.settings_of(configured)
         if shutil.which(QEMU) is None:
             raise DriverError(f"{QEMU} is not installed (Debian: apt-get install qemu-system-x86)")
-        resolve_accel(str(settings.get("accel") or "auto"))
-        disks = str(settings.get("disks") or DEFAULT_DISKS)
+        resolve_accel(settings.accel)
+        disks = settings.disks
         if not os.path.isdir(disks):
             raise DriverError(f"the qemu driver's disks directory {disks} does not exist")
 

@@ -36,7 +36,6 @@ often and the driver config has no place for known hosts.
 
 from __future__ import annotations
 
-import datetime
 import fnmatch
 import functools
 import io
@@ -50,18 +49,19 @@ import socket
 import stat
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, cast
 
 import paramiko
 
-from djinn.config.language import format_duration, parse_duration
+from djinn.config.language import format_duration
+from djinn.config.settings import SSHSettings, setting, split_address
 from djinn.drivers.base import BuildIdentity, Driver, Output
 from djinn.drivers.environment import refused_names_message, shell_exports
-from djinn.errors import DjinnError, DriverError
+from djinn.errors import DriverError
 from djinn.paths import PathEscapeError
 
 DEFAULT_PORT = 22
-DEFAULT_TIMEOUT = 60.0
 #: How long one connection attempt waits for the TCP connect and for the server's
 #: banner. qemu's user-mode network accepts TCP before the guest listens, so an
 #: attempt without its own bound can hang for a long time on a dead connection.
@@ -97,47 +97,19 @@ _NO_BANNER = "the server accepted the connection but sent no SSH banner"
 
 def parse_address(address: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
     """`host`, `host:port`, `[v6]:port` as (host, port)."""
-    text = (address or "").strip()
-    if not text:
+    if not (address or "").strip():
         raise DriverError("the ssh driver needs an address (host:port) in the manifest's driver map")
-    host, port = text, str(default_port)
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise DriverError(f"invalid ssh address {address!r}: missing ']'")
-        host, rest = text[1:end], text[end + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise DriverError(f"invalid ssh address {address!r}: expected [host]:port")
-            port = rest[1:]
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise DriverError(f"invalid ssh address {address!r}: expected host:port with a port from 1 to 65535")
-    return host, int(port)
+    try:
+        host, port = split_address(address.strip(), default_port)
+    except ValueError as exc:
+        raise DriverError(f"invalid ssh address {address!r}: {exc}") from None
+    if not host:
+        raise DriverError(f"invalid ssh address {address!r}: the host is missing")
+    return host, port
 
 
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def parse_timeout(value: Any, what: str = "timeout") -> float:
-    """Seconds from a timedelta (driver config), a duration string such as "30s" (manifest) or a number."""
-    if isinstance(value, datetime.timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, str):
-        try:
-            seconds = parse_duration(value).total_seconds()
-        except DjinnError as exc:
-            raise DriverError(f"ssh driver {what}: {exc}") from None
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise DriverError(f"ssh driver {what}: expected a duration such as 30s, got {value!r}")
-    if seconds <= 0:
-        raise DriverError(f"ssh driver {what}: must be a positive duration, got {value!r}")
-    return seconds
-
 
 
 def _q(text: str) -> str:
@@ -158,6 +130,14 @@ class _Cancelled(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class SSHRunSettings(SSHSettings):
+    """What one build's ssh driver reads: the driver config's block plus the manifest's keys."""
+
+    address: str = setting("")
+    workspace: str = setting("")
+
+
 class SSHDriver(Driver):
     """Runs jobs over one SSH connection: SFTP for files, one exec channel per job.
 
@@ -170,15 +150,16 @@ class SSHDriver(Driver):
     """
 
     type = "ssh"
+    Settings = SSHRunSettings
+    settings: SSHRunSettings
 
-    def __init__(self, settings: Mapping[str, Any] | None = None, identity: BuildIdentity | None = None) -> None:
-        super().__init__(settings or {}, identity)
+    def __init__(self, values: Mapping[str, Any] | None = None, identity: BuildIdentity | None = None, *, configured: Any = None) -> None:
+        super().__init__(values, identity, configured=configured)
         s = self.settings
-        self.user: str = str(s.get("user") or "root")
-        password = s.get("password")
-        self.password: str | None = None if password is None else str(password)
-        self.key_file: str | None = str(s["key"]) if s.get("key") else None
-        self.timeout: float = parse_timeout(s["timeout"]) if s.get("timeout") not in (None, "") else DEFAULT_TIMEOUT
+        self.user: str = s.user
+        self.password: str | None = s.password
+        self.key_file: str | None = s.key
+        self.timeout: float = s.timeout.total_seconds()
         self.transport: paramiko.Transport | None = None
         self.sftp: paramiko.SFTPClient | None = None
         self.address: str | None = None  # host:port, for messages
@@ -196,14 +177,14 @@ class SSHDriver(Driver):
         self._killed: str | None = None
 
     @classmethod
-    def check(cls, settings: Mapping[str, Any]) -> None:
-        """At worker start-up: the timeout parses and a configured key is readable (the address comes per build)."""
-        cls(settings)._load_key()
+    def check(cls, configured: Any) -> None:
+        """At worker start-up: a configured key is readable (the address comes per build)."""
+        cls(configured=cls.settings_of(configured))._load_key()
 
     # --- connecting ---------------------------------------------------------
 
     def create(self, env: Mapping[str, str], log: Output) -> None:
-        host, port = parse_address(str(self.settings.get("address") or self.settings.get("addr") or ""))
+        host, port = parse_address(self.settings.address)
         log(f"Running with SSH driver...\nConnecting to {self.user}@{format_address(host, port)}...\n".encode())
         self.connect(host, port, deadline=time.monotonic() + self.timeout)
         self.start(env, log)
@@ -404,7 +385,7 @@ class SSHDriver(Driver):
             self.sftp.get_channel().settimeout(SFTP_TIMEOUT)
             self._transport().channel_timeout = SFTP_TIMEOUT  # bounds open_session when no timeout is given
             self.home = self.sftp.normalize(".")
-            workspace = str(self.settings.get("workspace") or "")
+            workspace = self.settings.workspace
             self.workspace = posixpath.normpath(posixpath.join(self.home, workspace)) if workspace else self.home
             self._makedirs(self.workspace, 0o755)
             self.private_dir = self._make_private_dir()

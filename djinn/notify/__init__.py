@@ -61,15 +61,6 @@ def _never_raises(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-# SQL: whether build `b` has anyone to tell about its events (a pull request or a
-# namespace webhook). Most builds have neither: djinn.worker.execute reads this when it
-# loads a build and calls on_build_started / record_build_finished only when true.
-WANTS_EVENTS = """
-    EXISTS (SELECT 1 FROM build_triggers t WHERE t.build_id = b.id AND t.type = 'pull')
-    OR EXISTS (SELECT 1 FROM namespace_webhooks w WHERE w.namespace_id = b.namespace_id)
-"""
-
-
 @_never_raises
 def on_build_started(ctx: NotifyContext, build_id: int) -> None:
     """The build was claimed and is running: record its commit status and `build.started` webhooks."""

@@ -17,31 +17,28 @@ Under faults (djinn.db.lease has the guarantees):
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable
+from typing import BinaryIO, Callable
 
-from sqlalchemy import RowMapping, text
+from sqlalchemy import RowMapping
 from sqlalchemy.orm import Session
 
 from djinn import notify
 from djinn.crypto import hasher
+from djinn.db import load
 from djinn.db.engine import DatabaseUnavailable, is_unavailable, retry_while_unavailable, transaction
-from djinn.db.lease import Lease, abandon, beat, claim, finished_by
+from djinn.db.lease import Lease, abandon, beat, finished_by
 from djinn.db.models import Build
 from djinn.db.recorder import BuildArtifacts, DatabaseReporter
 from djinn.drivers import BuildIdentity, make_driver
 from djinn.drivers.qemu import user_image_path
 from djinn.errors import DjinnError
-from djinn.manifest import Passthrough
 from djinn.observe import logs, metrics
-from djinn.plan import BuildPlan, JobPlan, StagePlan
 from djinn.runner import control
 from djinn.runner.control import RunControl, Stop
-from djinn.runner.engine import Key, Runner, Variable
+from djinn.runner.engine import Runner
 from djinn.runner.store import FileStore, StoreError
 from djinn.status import Status
 from djinn.worker import shutdown
@@ -65,27 +62,6 @@ class ClaimDeferred(DjinnError):
     """The build could not be claimed now (PostgreSQL unreachable): its message must go back to the queue."""
 
 
-@dataclass
-class LoadedBuild:
-    """Everything a run needs, read from the database in one go."""
-
-    id: int
-    user_id: int
-    number: int
-    secret: str
-    driver_type: str
-    driver_config: dict[str, Any]
-    plan: BuildPlan
-    job_ids: dict[tuple[str, str], int] = field(default_factory=dict)
-    variables: list[Variable] = field(default_factory=list)
-    keys: list[Key] = field(default_factory=list)
-    objects: dict[str, tuple[int, str]] = field(default_factory=dict)
-    #: Whether anyone wants the build's start and finish events (statuses, webhooks).
-    wants_events: bool = False
-    #: The user's own qemu image the manifest names, (user id, hash) of its `images` row.
-    image: tuple[int, str] | None = None
-
-
 class BuildObjects:
     """The runner's ObjectStore for one build: the objects its rows name, from the object store."""
 
@@ -98,96 +74,6 @@ class BuildObjects:
             raise StoreError(f"object {name!r} no longer exists")
         user_id, hash_ = self.objects[name]
         return self.files.open(user_id, hash_)
-
-
-# The whole build in one round trip: each child table folded into a JSON array.
-LOAD_BUILD = text(
-    f"""
-    SELECT b.id, b.user_id, b.number, b.secret, d.type AS driver_type, d.config AS driver_config,
-      extract(epoch FROM now() - b.created_at) AS waited, ({notify.WANTS_EVENTS}) AS wants_events,
-      (SELECT json_agg(json_build_object('id', s.id, 'name', s.name, 'can_fail', s.can_fail) ORDER BY s.id)
-         FROM build_stages s WHERE s.build_id = b.id) AS stages,
-      (SELECT json_agg(json_build_object('id', j.id, 'stage_id', j.stage_id, 'name', j.name, 'commands', j.commands) ORDER BY j.id)
-         FROM build_jobs j WHERE j.build_id = b.id) AS jobs,
-      (SELECT json_agg(json_build_object('job_id', a.job_id, 'source', a.source, 'name', a.name) ORDER BY a.id)
-         FROM build_artifacts a WHERE a.build_id = b.id) AS artifacts,
-      (SELECT json_agg(json_build_object('source', o.source, 'name', o.name, 'user_id', ob.user_id, 'hash', ob.hash) ORDER BY o.id)
-         FROM build_objects o LEFT JOIN objects ob ON ob.id = o.object_id WHERE o.build_id = b.id) AS objects,
-      (SELECT json_build_object('user_id', i.user_id, 'hash', i.hash) FROM images i
-         WHERE d.type = 'qemu' AND i.driver = 'qemu' AND i.name = d.config->>'image'
-           AND CASE WHEN b.namespace_id IS NULL THEN i.user_id = b.user_id ELSE i.namespace_id = b.namespace_id END
-         ORDER BY i.id LIMIT 1) AS image,
-      (SELECT json_agg(json_build_object('key', v.key, 'value', v.value, 'masked', v.masked) ORDER BY v.id)
-         FROM build_variables v WHERE v.build_id = b.id) AS variables,
-      (SELECT json_agg(json_build_object('name', k.name, 'key', encode(k.key, 'base64'), 'config', k.config) ORDER BY k.id)
-         FROM build_keys k WHERE k.build_id = b.id) AS keys
-    FROM builds b LEFT JOIN build_drivers d ON d.build_id = b.id
-    WHERE b.id = :id
-    """
-)
-
-
-def fetch_build(session: Session, build_id: int) -> RowMapping:
-    """The build's rows as read by LOAD_BUILD, undecoded (see `decode_build`)."""
-    row: RowMapping = session.execute(LOAD_BUILD, {"id": build_id}).mappings().one()
-    return row
-
-
-def decode_build(ctx: WorkerContext, row: RowMapping) -> LoadedBuild:
-    """Turn LOAD_BUILD's row into a LoadedBuild, decrypting what the worker's key protects."""
-    artifacts: dict[int, list[Passthrough]] = {}
-    for a in row["artifacts"] or []:
-        artifacts.setdefault(a["job_id"], []).append(Passthrough(a["source"], a["name"]))
-    jobs_by_stage: dict[int, list[dict[str, Any]]] = {}
-    for job in row["jobs"] or []:
-        jobs_by_stage.setdefault(job["stage_id"], []).append(job)
-    job_ids: dict[tuple[str, str], int] = {}
-    stages = []
-    for stage in row["stages"] or []:
-        jobs = []
-        for job in jobs_by_stage.get(stage["id"], []):
-            plan_job = JobPlan(
-                stage["name"],
-                job["name"],
-                tuple(job["commands"].split("\n")) if job["commands"] else (),
-                tuple(artifacts.get(job["id"], [])),
-            )
-            job_ids[plan_job.key] = job["id"]
-            jobs.append(plan_job)
-        stages.append(StagePlan(stage["name"], stage["can_fail"], tuple(jobs)))
-    # As the server writes build_objects: `name` is the object's name, `source` where it goes.
-    build_objects = row["objects"] or []
-    objects = {o["name"]: (o["user_id"], o["hash"]) for o in build_objects if o["hash"] is not None}
-    plan = BuildPlan(stages=tuple(stages), objects=tuple(Passthrough(o["name"], o["source"]) for o in build_objects))
-
-    variables = []
-    for var in row["variables"] or []:
-        value = var["value"]
-        if var["masked"]:
-            if ctx.cipher is None:
-                raise DjinnError("the build has masked variables but the worker config has no crypto block")
-            value = ctx.cipher.decrypt_text(value)
-        variables.append(Variable(var["key"], value, var["masked"]))
-    keys = []
-    for key in row["keys"] or []:
-        if ctx.cipher is None:
-            raise DjinnError("the build has keys but the worker config has no crypto block")
-        keys.append(Key(key["name"], ctx.cipher.decrypt(base64.b64decode(key["key"])).decode(), key["config"] or ""))
-    return LoadedBuild(
-        id=row["id"],
-        user_id=row["user_id"],
-        number=row["number"],
-        secret=row["secret"] or "",
-        driver_type=row["driver_type"] or "",
-        driver_config=dict(row["driver_config"]) if row["driver_type"] else {},
-        plan=plan,
-        job_ids=job_ids,
-        variables=variables,
-        keys=keys,
-        objects=objects,
-        wants_events=bool(row["wants_events"]),
-        image=(row["image"]["user_id"], row["image"]["hash"]) if row["image"] else None,
-    )
 
 
 class Heartbeat:
@@ -306,24 +192,24 @@ def _run_build(ctx: WorkerContext, build_id: int, run: RunControl) -> Status | N
 
     sent_at = [0.0]
 
-    def claim_and_fetch(session: Session) -> tuple[Lease | None, RowMapping | None]:
+    def claim(session: Session) -> tuple[Lease, RowMapping] | None:
         sent_at[0] = time.monotonic()  # the claim sets the heartbeat: the lease's clock starts no later
-        lease = claim(session, build_id, ctx.name)
-        return lease, fetch_build(session, build_id) if lease is not None else None
+        return load.claim_and_load(session, build_id, ctx.name)
 
     try:
-        lease, row = retry_while_unavailable(
+        claimed = retry_while_unavailable(
             ctx.sessions,
-            claim_and_fetch,
+            claim,
             patience=max(MIN_CLAIM_PATIENCE, ctx.config.orphan_timeout.total_seconds()),
             stop=lambda: run.requested(Stop.HANDED_BACK),
             what=f"build {build_id}: claim",
         )
     except DatabaseUnavailable as exc:
         raise ClaimDeferred(str(exc)) from None
-    if lease is None or row is None:
+    if claimed is None:
         log.info("build %s: not claimed (finished, missing or running elsewhere)", build_id)
         return None
+    lease, row = claimed
     log.info("build %s: claimed (attempt %s)", build_id, lease.attempt)
     if row["wants_events"]:
         notify.on_build_started(ctx, build_id)
@@ -354,12 +240,13 @@ def _run_claimed(
 ) -> Status | None:
     """The claimed build's run; None when it was handed back or its lease lost (`outcome` says which)."""
     try:
-        loaded = decode_build(ctx, row)
-        settings = {**ctx.drivers.settings_for(loaded.driver_type), **loaded.driver_config}
+        loaded = load.decode(row, ctx.cipher)
+        configured = ctx.drivers.settings_for(loaded.driver_type)
+        values = dict(loaded.driver_config)
         # A user's own image comes before the shared `_base` ones, as on the Go worker;
         # the setting is the worker's alone, whatever the manifest's driver block says.
-        settings["user_image"] = user_image_path(settings.get("disks"), *loaded.image) if loaded.image else None
-        driver = make_driver(loaded.driver_type, settings, BuildIdentity(str(build_id), ctx.name))
+        values["user_image"] = user_image_path(configured.disks, *loaded.image) if loaded.image else ""
+        driver = make_driver(loaded.driver_type, values, BuildIdentity(str(build_id), ctx.name), configured=configured)
     except DjinnError as exc:
         with transaction(ctx.sessions) as session:
             build = session.get(Build, build_id, with_for_update=True)
