@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from targets import report
+
 
 def run(argv: list[str], cwd: str) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of a command, its output thrown away."""
@@ -57,8 +59,7 @@ def main() -> None:
     print(f"cat to /dev/null:     {cat_time:7.2f} s  {mb / cat_time:8.1f} MB/s  peak RSS {cat_rss / 1e6:6.1f} MB")
     print(f"djinn to /dev/null:   {djinn_time:7.2f} s  {mb / djinn_time:8.1f} MB/s  peak RSS {djinn_rss / 1e6:6.1f} MB")
     print(f"ratio djinn/cat time: {djinn_time / cat_time:7.2f}x")
-    ok = mb / djinn_time >= 100 and djinn_rss < 150e6
-    print(f"targets (>= 100 MB/s, peak RSS < 150 MB): {'met' if ok else 'NOT met'}")
+    report([("output_mb_per_s", mb / djinn_time, ">=", 100), ("output_peak_rss_mb", djinn_rss / 1e6, "<=", 150)])
 
 
 if __name__ == "__main__":

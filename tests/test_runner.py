@@ -10,7 +10,7 @@ from pathlib import Path
 
 from runner_support import SECRET_COMMANDS, SECRET_VALUE, assert_no_secret, runner_for
 
-from djinn.drivers.os import OSDriver
+from djinn.drivers.os import OSDriver, _PidClock
 from djinn.manifest import parse_manifest
 from djinn.plan import plan_build
 from djinn.runner.engine import Key, Runner, Variable
@@ -392,3 +392,22 @@ def test_key_names_must_be_plain_file_names(reporter, tmp_path):
     assert runner.run() is Status.FAILED
     assert "djinn: key name '../../escaped' must be a plain file name" in reporter.text("create-driver")
     assert not (tmp_path / "escaped").exists()
+
+
+def test_the_tag_sweep_reads_only_processes_made_since_the_build_began():
+    """Pids come round in turn up to pid_max: those made since a reading lie after its last pid, cyclically."""
+    clock = _PidClock(last=30000, made=1000, limit=32768)
+    real = _PidClock.now()
+    assert real.last and real.made and real.limit  # this kernel has the files the sweep relies on
+    cases = {
+        # (last pid now, processes made since): pids the sweep reads / skips
+        (30500, 500): ([30001, 30500], [30000, 29999, 30501, 5]),
+        (400, 3000): ([30001, 32767, 300, 400], [30000, 401, 29000]),  # wrapped once
+    }
+    for (last, made), (read, skipped) in cases.items():
+        since = clock.since(_PidClock(last=last, made=clock.made + made, limit=32768))
+        assert since is not None
+        assert [pid for pid in read + skipped if since(pid)] == read
+    # So many made that pids may have come round past the reading: every process is read.
+    assert clock.since(_PidClock(last=30500, made=clock.made + 20000, limit=32768)) is None
+    assert _PidClock(None, None, None).since(real) is None  # nothing known: nothing ruled out

@@ -23,8 +23,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 from djinn.config.settings import OSSettings
 from djinn.drivers import leftovers
@@ -58,6 +59,8 @@ class OSDriver(Driver):
         self._cancelled = False
         self._process: subprocess.Popen[bytes] | None = None
         self.tag = secrets.token_hex(12)
+        self._born: _PidClock | None = None  # where pid allocation stood before the first job
+        self._swept = True  # no job ran since the last sweep for tagged processes found none
 
     @property
     def workspace(self) -> Path:
@@ -66,6 +69,7 @@ class OSDriver(Driver):
         return self.root / "workspace"
 
     def create(self, env: Mapping[str, str], log: Output) -> None:
+        self._born = _PidClock.now()
         self.root = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
         leftovers.write_marker(self.root, self.identity)
         (self.root / "workspace").mkdir()
@@ -95,6 +99,7 @@ class OSDriver(Driver):
         with self._lock:
             if self._cancelled:
                 return -signal.SIGKILL
+            self._swept = False
             process = subprocess.Popen(
                 ["/bin/sh", str(script_path)],
                 cwd=self.workspace,
@@ -113,6 +118,7 @@ class OSDriver(Driver):
             self.kill_tagged()
             with self._lock:
                 self._process = None
+                self._swept = True
             script_path.unlink(missing_ok=True)
 
     def _stream(self, process: subprocess.Popen[bytes], output: Output) -> None:
@@ -140,11 +146,16 @@ class OSDriver(Driver):
             process.stdout.close()
 
     def tagged_processes(self) -> list[int]:
-        """Pids of live processes whose environment carries this build's tag (those we may read)."""
+        """Pids of live processes whose environment carries this build's tag (those we may read).
+
+        Only processes made since `create` can carry it, so only their environments are
+        read: on a busy host that is a handful instead of every process.
+        """
         marker = f"{TAG_VARIABLE}={self.tag}".encode()
+        since = self._born.since() if self._born is not None else None
         found = []
         for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
+            if not entry.name.isdigit() or (since is not None and not since(int(entry.name))):
                 continue
             try:
                 with open(f"/proc/{entry.name}/environ", "rb") as f:
@@ -192,15 +203,62 @@ class OSDriver(Driver):
         with self._lock:
             self._cancelled = True
             process = self._process
+            swept = self._swept
         if process is not None:
             self._kill_group(process)
-        self.kill_tagged()
+        if not swept:  # a job ran (or runs) since the last sweep found nothing
+            self.kill_tagged()
 
     def destroy(self) -> None:
         self.cancel()
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
+
+
+def _read_int(path: str, prefix: bytes = b"") -> int | None:
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return int(line[len(prefix):])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+@dataclass(frozen=True)
+class _PidClock:
+    """Where the kernel's pid allocation stands: the last pid handed out, and how many were.
+
+    Pids are handed out in turn, wrapping at pid_max, so every process made after a
+    reading has a pid in the cyclic interval after its last pid, as long as fewer than
+    pid_max were made since. Without these files (not Linux) nothing is ruled out.
+    """
+
+    last: int | None
+    made: int | None
+    limit: int | None
+
+    @classmethod
+    def now(cls) -> _PidClock:
+        return cls(
+            _read_int("/proc/sys/kernel/ns_last_pid"),
+            _read_int("/proc/stat", b"processes "),
+            _read_int("/proc/sys/kernel/pid_max"),
+        )
+
+    def since(self, now: _PidClock | None = None) -> Callable[[int], bool] | None:
+        """A test for "this pid may have been made between this reading and `now`"; None when any may."""
+        now = now or _PidClock.now()
+        first, last = self.last, now.last
+        if first is None or last is None or self.made is None or now.made is None or self.limit is None:
+            return None
+        if now.made - self.made >= self.limit // 2:  # could have come round to `first` again
+            return None
+        if last >= first:
+            return lambda pid: first < pid <= last
+        return lambda pid: pid > first or pid <= last  # wrapped once
 
 
 def sweep(root: str | None = None) -> list[str]:
