@@ -422,3 +422,57 @@ def test_artifacts_through_symlinks_out_of_the_workspace_are_refused(docker_api,
     assert (arts / "ok.txt").read_text() == "inside\n"
     assert all(b"canary" not in p.read_bytes() for p in arts.iterdir())
     assert labelled(docker_api, build) == NOTHING
+
+
+PIPELINED = HEAD + """stages: [a]
+jobs:
+  - {stage: a, name: one, commands: ['echo 1 > order', 'touch started', 'while [ ! -e /workspace/go-on ]; do sleep 0.05; done']}
+  - {stage: a, name: two, commands: ['echo 2 >> order', 'cat order', 'test -z "$(cat)" && echo stdin-empty']}
+  - {stage: a, name: three, commands: ['echo 3 >> order', 'cat order']}
+"""
+
+
+def _job_containers(api: docker.APIClient, build: str) -> dict[str, dict]:
+    return {c["Labels"]["djinn.job"]: c for c in api.containers(all=True, filters={"label": f"djinn.build={build}"})}
+
+
+def test_next_jobs_container_waits_started_while_a_job_runs_and_runs_after_it(docker_api, reporter, tmp_path):
+    build = new_id("pipelined")
+    runner, driver = make_runner(PIPELINED, reporter, tmp_path, build)
+    result: list[Status] = []
+    thread = threading.Thread(target=lambda: result.append(runner.run()))
+    thread.start()
+    try:
+        wait_for(lambda: _job_containers(docker_api, build).get("two", {}).get("State") == "running", what="job two's container started")
+        # Started, but held at its gate: it has written nothing to the shared workspace.
+        assert reporter.text("two") == ""
+        exec_id = docker_api.exec_create(_job_containers(docker_api, build)["one"]["Id"], ["cat", "/workspace/order"])
+        assert docker_api.exec_start(exec_id) == b"1\n"
+        exec_id = docker_api.exec_create(_job_containers(docker_api, build)["one"]["Id"], ["touch", "/workspace/go-on"])
+        docker_api.exec_start(exec_id)
+        thread.join(60)
+    finally:
+        runner.cancel()
+        thread.join(60)
+    assert result == [Status.PASSED], reporter.output
+    assert "1\n2\n" in reporter.text("two") and "stdin-empty\n" in reporter.text("two")
+    assert "1\n2\n3\n" in reporter.text("three")
+    assert labelled(docker_api, build) == NOTHING
+
+
+def test_a_pipelined_build_killed_mid_job_leaves_no_container(docker_api, reporter, tmp_path):
+    build = new_id("pipekill")
+    runner, _ = make_runner(PIPELINED, reporter, tmp_path, build)
+    result: list[Status] = []
+    thread = threading.Thread(target=lambda: result.append(runner.run()))
+    thread.start()
+    try:
+        # Job one runs, job two's container waits started, and the network holder with it.
+        wait_for(lambda: _job_containers(docker_api, build).get("two", {}).get("State") == "running", what="job two's container started")
+        assert {"one", "two", "network"} <= set(_job_containers(docker_api, build))
+    finally:
+        runner.cancel()
+        thread.join(60)
+    assert not thread.is_alive() and result == [Status.KILLED]
+    assert reporter.ran["two"] is False and reporter.ran["three"] is False
+    assert labelled(docker_api, build) == NOTHING

@@ -60,6 +60,14 @@ class Driver(abc.ABC):
     def execute(self, name: str, script: bytes, output: Output) -> int:
         """Run one job script, streaming its output; returns the exit status."""
 
+    def prepare(self, name: str, script: bytes) -> None:
+        """A hint, given while the current job runs: job `name` with `script` is next.
+
+        A driver may get ready for it in the background (docker creates its container);
+        `execute` still runs whatever it is given. Never raises. Most drivers ignore it.
+        """
+        return None
+
     @abc.abstractmethod
     def collect(self, source: str) -> Iterator[tuple[str, BinaryIO]]:
         """Yield (path, stream) for each file matching `source` (relative to the workspace)."""

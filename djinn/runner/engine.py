@@ -116,9 +116,11 @@ class Runner:
         timer.start()
         try:
             results.append(self._create(jobs[0][0]))
-            for job, can_fail in jobs[1:]:
+            for i, (job, can_fail) in enumerate(jobs[1:], 1):
                 if max(results) >= Status.FAILED or self.control.stopped:
                     break
+                if i + 1 < len(jobs):
+                    self._prepare(jobs[i + 1][0])  # the next job, readied while this one runs
                 results.append(self._run_job(job, can_fail))
         finally:
             timer.cancel()
@@ -128,6 +130,12 @@ class Runner:
             self.reporter.job_finished(job, final, ran=False)
         self.reporter.build_finished(final)
         return final
+
+    def _prepare(self, job: JobPlan) -> None:
+        try:
+            self.driver.prepare(job.name, job_script(job.commands))
+        except Exception as exc:  # a hint that failed is a bug in the driver, not the build's failure
+            self.error = self.error or exc
 
     def _destroy(self) -> None:
         try:
