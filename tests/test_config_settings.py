@@ -496,7 +496,7 @@ def test_full_driver_config(tmp_path):
     assert (cfg.ssh.timeout, cfg.ssh.user, cfg.ssh.password) == (td(seconds=60), "builder", "ssh-password-xyz")
     assert cfg.public_dict() == {
         "docker": {"host": "unix:///var/run/docker.sock", "version": "1.40"},
-        "qemu": {"disks": "/var/lib/djinn/images", "cpus": 2, "memory": 4096, "accel": "kvm"},
+        "qemu": {"disks": "/var/lib/djinn/images", "cpus": 2, "memory": 4096, "accel": "kvm", "warm": True, "warm_limit": 8589934592},
         "ssh": {"timeout": 60, "user": "builder", "key": None, "password_set": True},
         "os": {},
     }
@@ -510,7 +510,7 @@ def test_driver_config_only_lists_present_drivers():
     assert cfg.configured == ("qemu",)
     assert cfg.docker is None and cfg.ssh is None
     assert (cfg.qemu.cpus, cfg.qemu.memory, cfg.qemu.accel) == (1, 2048, "auto")
-    assert cfg.public_dict() == {"qemu": {"disks": "/var/lib/djinn/images", "cpus": 1, "memory": 2048, "accel": "auto"}}
+    assert cfg.public_dict() == {"qemu": {"disks": "/var/lib/djinn/images", "cpus": 1, "memory": 2048, "accel": "auto", "warm": True, "warm_limit": 8589934592}}
 
 
 def test_driver_defaults():

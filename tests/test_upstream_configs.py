@@ -142,7 +142,7 @@ def test_dist_layout_with_bare_labels_commented_blocks_and_byte_counts(tree):
         },
         "drivers": {
             "docker": {"host": "unix:///run/docker.sock", "version": "1.41"},
-            "qemu": {"disks": "/srv/djinn/images", "cpus": 2, "memory": 4096, "accel": "auto"},
+            "qemu": {"disks": "/srv/djinn/images", "cpus": 2, "memory": 4096, "accel": "auto", "warm": True, "warm_limit": 8589934592},
             "ssh": {"timeout": 45, "user": "builder", "key": None, "password_set": False},
         },
     }

@@ -134,7 +134,7 @@ def test_check_prints_effective_settings(tmp_path):
         },
         "drivers": {
             "docker": {"host": "unix:///var/run/docker.sock", "version": "1.41"},
-            "qemu": {"disks": "/var/lib/djinn/images", "cpus": 2, "memory": 4096, "accel": "auto"},
+            "qemu": {"disks": "/var/lib/djinn/images", "cpus": 2, "memory": 4096, "accel": "auto", "warm": True, "warm_limit": 8589934592},
             "ssh": {"timeout": 30, "user": "builder", "key": None, "password_set": False},
         },
     }

@@ -355,6 +355,9 @@ class QemuSettings:
     cpus: int = setting(1, check=_cpus)
     memory: int = setting(2048, check=_memory_mib)  # MiB
     accel: str = setting("auto", check=one_of(QEMU_ACCELS))  # kvm when /dev/kvm works, else tcg
+    # Builds start from a saved running machine (djinn.drivers.qemu_state); false: every build boots cold.
+    warm: bool = setting(True, check="boolean")
+    warm_limit: int = setting(8 << 30, check="size")  # bytes of saved machine states kept, least recently used removed first
 
 
 @dataclass(frozen=True)
@@ -525,6 +528,11 @@ class _Section:
             raise self.error(key, f"expected an integer, got {_describe(value)}")
         return value
 
+    def boolean(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {_describe(value)}")
+        return value
+
     def duration(self, value: Any, key: str) -> datetime.timedelta:
         if isinstance(value, str):
             try:
@@ -603,9 +611,11 @@ def _decoder(sec: _Section, f: dataclasses.Field[Any]) -> Callable[[Any, str], A
 
 
 def _literal(text: str) -> Any:
-    """A string read as the config language would read it unquoted: 4096, 2GB, 30s; else the string."""
+    """A string read as the config language would read it unquoted: 4096, 2GB, 30s, true; else the string."""
     if re.fullmatch(r"-?[0-9]+", text.strip()):
         return int(text)
+    if text.strip() in ("true", "false"):
+        return text.strip() == "true"
     for parse in (parse_size, parse_duration):
         try:
             return parse(text)

@@ -19,8 +19,10 @@ optionally `key`/`password`/`user` for the login and `timeout` for the boot
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -34,10 +36,12 @@ from typing import Any, BinaryIO, Iterator, Mapping
 
 from djinn.config.language import format_duration
 from djinn.config.settings import QemuSettings, setting
-from djinn.drivers import leftovers
+from djinn.drivers import leftovers, qemu_state
 from djinn.drivers.base import BuildIdentity, Driver, Output
 from djinn.drivers.ssh import SSHDriver, SSHRunSettings
 from djinn.errors import DriverError
+
+_log = logging.getLogger(__name__)
 
 ARCH = "x86_64"
 #: Per-build directories (QEMU's log and snapshot overlay) are <tmp>/djinn-qemu-*, with an owner marker.
@@ -53,6 +57,17 @@ LISTEN_POLL = 0.01
 #: Attempts at a free port when another process takes the one picked first.
 PORT_ATTEMPTS = 20
 #: Lines of the QEMU log (its errors and the guest's serial console) quoted in errors.
+#: After a restore the guest is up: fewer, more patient SSH attempts than while it boots.
+RESTORED_LOGIN_SECONDS = 60.0
+RESTORED_ATTEMPT_TIMEOUT = 10.0
+#: Before a save: end sshd children that never logged in (boot-time attempts QEMU gave up on,
+#: which would hold a restored sshd's MaxStartups slots), and print the pid of the sshd serving
+#: our connection (the restored machine kills that one: its connection is gone).
+QUIESCE = (  # the patterns are written so that this script's own text does not match them
+    "if command -v pkill >/dev/null; then pkill -f 'sshd: .*\\[(pre[a]uth|accep[t]ed|ne[t])\\]'; else "
+    "for p in /proc/[0-9]*; do [ ${p#/proc/} = $$ ] && continue; read -r c < $p/cmdline 2>/dev/null; case \"$c\" in "
+    "*sshd:*[[]pre[a]uth]*|*sshd:*[[]accep[t]ed]*|*sshd:*[[]ne[t]]*) kill ${p#/proc/} 2>/dev/null;; esac; done; fi; echo $PPID"
+)
 LOG_TAIL_LINES = 25
 LOG_TAIL_BYTES = 64 * 1024
 FORWARD_ERROR = "Could not set up host forwarding rule"
@@ -165,6 +180,11 @@ def _process_listens(pid: int, port: int) -> bool:
     return False
 
 
+def _octal(data: bytes) -> str:
+    """`data` as printf(1) octal escapes (no xxd or base64 needed in the guest)."""
+    return "".join(f"\\{byte:03o}" for byte in data)
+
+
 def _opt(value: str) -> str:
     """A value inside a QEMU option list, where a comma is written twice."""
     return value.replace(",", ",,")
@@ -204,7 +224,8 @@ class QEMUDriver(Driver):
         self.memory = s.memory
         self.accel_setting = s.accel
         self.boot_timeout = s.timeout.total_seconds()
-        self.ssh = SSHDriver(configured=SSHRunSettings(timeout=s.timeout, user=s.user, password=s.password, key=s.key))
+        self.ssh = self._new_ssh()
+        self._staging: Path | None = None  # a saved state this build made but did not publish: removed at the end
         self.accel: str | None = None
         self.port: int | None = None
         self.pid: int | None = None
@@ -225,6 +246,10 @@ class QEMUDriver(Driver):
         if not os.path.isdir(disks):
             raise DriverError(f"the qemu driver's disks directory {disks} does not exist")
 
+    def _new_ssh(self) -> SSHDriver:
+        s = self.settings
+        return SSHDriver(configured=SSHRunSettings(timeout=s.timeout, user=s.user, password=s.password, key=s.key))
+
     # --- booting ------------------------------------------------------------
 
     def create(self, env: Mapping[str, str], log: Output) -> None:
@@ -244,7 +269,7 @@ class QEMUDriver(Driver):
         leftovers.write_marker(self.workdir, self.identity)
         self.log_path = self.workdir / "qemu.log"
         try:
-            self._boot(path, deadline, env)
+            self._boot(path, deadline, env, log)
         except BaseException:
             self._kill_vm()  # a VM that did not come up is of no use; destroy() removes the rest
             raise
@@ -253,14 +278,46 @@ class QEMUDriver(Driver):
             f"(port {self.port})...\n".encode()
         )
 
-    def _boot(self, path: Path, deadline: float, env: Mapping[str, str]) -> None:
-        self._launch(path, deadline)
+    def _boot(self, path: Path, deadline: float, env: Mapping[str, str], log: Output) -> None:
+        """Restore the image's saved machine when there is one, else boot cold (and save it when warm)."""
+        warm = self._cache(path) if self.settings.warm else None
+        if warm is not None:
+            root, key = warm
+            saved = qemu_state.SavedState.find(root, key)
+            if saved is not None:
+                try:
+                    self._restore(saved, deadline)
+                    self.ssh.start(env)
+                    log(b"Restored the machine from its saved state\n")
+                    return
+                except qemu_state.MachineStateError as exc:
+                    note = f"the saved machine state of image {self.image} cannot be used ({exc}); it is removed and the machine boots cold"
+                    _log.warning("%s", note)
+                    log(f"{note}\n".encode())
+                    saved.discard()
+                    self._kill_vm()
+                    self.ssh.destroy()
+                    self.ssh = self._new_ssh()
+                    assert self.log_path is not None
+                    self.log_path.write_bytes(b"")
+            try:
+                self._boot_and_save(path, root, key, deadline)
+                self.ssh.start(env)
+                return
+            except qemu_state.MachineStateError as exc:
+                # The machine is unusable (it is killed below); the build fails as a cold boot would.
+                raise DriverError(f"booting the machine: {exc}{self._log_tail()}") from None
+        self._launch(path, deadline, snapshot=True)
+        self._connect(deadline)
+        self.ssh.start(env)
+
+    def _connect(self, deadline: float, attempt_timeout: float = ATTEMPT_TIMEOUT) -> None:
         try:
             # One attempt at a time, each bounded: QEMU accepts a connection before the guest
             # listens and keeps delivering abandoned ones once it is up, so many parallel or
             # very short attempts would pile up in the guest's sshd (MaxStartups).
             assert self.port is not None  # set by _launch
-            self.ssh.connect("127.0.0.1", self.port, deadline=deadline, attempt_timeout=ATTEMPT_TIMEOUT,
+            self.ssh.connect("127.0.0.1", self.port, deadline=deadline, attempt_timeout=attempt_timeout,
                              alive=self._check_alive)
         except DriverError as exc:
             if self._cancelled.is_set():
@@ -272,18 +329,81 @@ class QEMUDriver(Driver):
                     f"{self._log_tail()}"
                 ) from None
             raise DriverError(f"{exc}{self._log_tail()}") from None
-        self.ssh.start(env)
 
-    def _command(self, path: Path, port: int) -> list[str]:
+    # --- saved machine states (djinn.drivers.qemu_state) ---------------------
+
+    def _cache(self, path: Path) -> tuple[Path, str] | None:
+        """Where this machine's saved state lives, and its key; None when states cannot be kept here."""
+        root = Path(self.disks) / qemu_state.CACHE_DIR
+        try:
+            return root, qemu_state.machine_key(QEMU, self._devices(), path)
+        except (OSError, qemu_state.MachineStateError) as exc:
+            _log.warning("qemu image %s: no saved machine states (%s)", self.image, exc)
+            return None
+
+    def _restore(self, saved: qemu_state.SavedState, deadline: float) -> None:
+        assert self.workdir is not None
+        saved.check()
+        disk = self.workdir / "disk.qcow2"
+        qemu_state.overlay(disk, saved.disk, "qcow2")
+        self._launch(disk, deadline, qmp=True, incoming=True)
+        qmp = self._qmp()
+        try:
+            qemu_state.restore(qmp, saved, lambda: self._process is not None and self._process.poll() is None)
+        finally:
+            qmp.close()
+        try:
+            self._connect(min(deadline, time.monotonic() + RESTORED_LOGIN_SECONDS), attempt_timeout=RESTORED_ATTEMPT_TIMEOUT)
+        except DriverError as exc:
+            raise qemu_state.MachineStateError(f"the restored machine did not let us in: {exc}") from None
+        # The restored clock and random state are the saved machine's: set one, stir the other
+        # (the vmgenid device has the kernel reseed on its own when it sees the new generation id),
+        # and end the sshd of the connection that was open when the machine was saved.
+        stale = saved.session_pid()
+        code, out = self.ssh.run_command(
+            (f"kill {stale} 2>/dev/null; " if stale else "")
+            + f"date -u -s @{int(time.time())} >/dev/null 2>&1; printf '{_octal(secrets.token_bytes(64))}' > /dev/urandom"
+        )
+        if code != 0:
+            raise qemu_state.MachineStateError(f"could not set the restored machine's clock: {out.decode(errors='replace').strip()}")
+
+    def _boot_and_save(self, path: Path, root: Path, key: str, deadline: float) -> None:
+        """Boot cold on a disk the saved state keeps, wait for SSH, save the machine, and go on in a new layer."""
+        assert self.workdir is not None
+        staging = qemu_state.staging_dir(root, key)
+        self._staging = staging
         with open(path, "rb") as f:
             fmt = "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
-        # setpriv --pdeathsig: the VM is killed by the kernel if the thread that started it
-        # dies (the worker killed with SIGKILL), so no VM outlives its worker.
-        guard = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
+        qemu_state.overlay(staging / "disk.qcow2", path, fmt)
+        self._launch(staging / "disk.qcow2", deadline, qmp=True)
+        self._connect(deadline)
+        try:
+            code, out = self.ssh.run_command(QUIESCE)
+            session = out.decode(errors="replace").strip().splitlines()[-1:] if code == 0 else []
+            if not session or not session[0].isdigit():
+                raise qemu_state.MachineStateError(f"the guest did not answer as expected before saving: {out[-200:]!r}")
+            qmp = self._qmp()
+            try:
+                description = {"image": self.image, "saved_at": time.time(), "session_pid": int(session[0])}
+                qemu_state.save(qmp, staging, self.workdir / "disk.qcow2", description)
+            finally:
+                qmp.close()
+        except (DriverError, OSError) as exc:
+            _log.warning("qemu image %s: the machine's state was not saved (%s); the next build boots cold too", self.image, exc)
+        else:
+            if qemu_state.publish(staging, root / key):
+                self._staging = None
+                removed = qemu_state.sweep(root, self.settings.warm_limit)
+                for item in removed:
+                    _log.info("removed %s", item)
+
+    def _qmp(self) -> qemu_state.QMP:
+        assert self.workdir is not None
+        return qemu_state.QMP(self.workdir / "qmp.sock", lambda: self._process is not None and self._process.poll() is None)
+
+    def _devices(self) -> list[str]:
+        """The machine: every argument but the disk file, the port and the monitor (a saved state's key)."""
         return [
-            *guard,
-            QEMU,
-            "-name", _opt(f"djinn-{self.image}"),
             "-accel", self.accel or "tcg",
             # Every feature the accelerator offers; under TCG this includes RDRAND, so a
             # guest's random pool is ready at once instead of stalling sshd's start.
@@ -294,11 +414,26 @@ class QEMUDriver(Driver):
             "-no-user-config",
             "-display", "none",
             "-serial", "stdio",
-            "-drive", f"file={_opt(str(path))},if=virtio,format={fmt},snapshot=on",
-            "-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22",
+            "-drive", "if=virtio,id=disk0",
+            "-nic", "user,model=virtio-net-pci",
+            # A new generation id in every restored machine makes its kernel reseed its random state.
+            "-device", "vmgenid,guid=auto",
         ]
 
-    def _launch(self, path: Path, deadline: float) -> None:
+    def _command(self, path: Path, port: int, *, snapshot: bool = False, qmp: bool = False, incoming: bool = False) -> list[str]:
+        with open(path, "rb") as f:
+            fmt = "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+        devices = self._devices()
+        drive = f"file={_opt(str(path))},if=virtio,id=disk0,format={fmt}"
+        devices[devices.index("if=virtio,id=disk0")] = drive + (",snapshot=on" if snapshot else "")
+        devices[devices.index("user,model=virtio-net-pci")] = f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22"
+        # setpriv --pdeathsig: the VM is killed by the kernel if the thread that started it
+        # dies (the worker killed with SIGKILL), so no VM outlives its worker.
+        guard = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
+        monitor = ["-qmp", f"unix:{_opt(str(self.workdir / 'qmp.sock'))},server=on,wait=off"] if qmp and self.workdir else []
+        return [*guard, QEMU, "-name", _opt(f"djinn-{self.image}"), *devices, *monitor, *(["-incoming", "defer"] if incoming else [])]
+
+    def _launch(self, path: Path, deadline: float, **options: bool) -> None:
         """Start QEMU on a free port; pick another when a concurrent process took it first."""
         assert self.workdir is not None and self.log_path is not None
         for _ in range(PORT_ATTEMPTS):
@@ -310,7 +445,7 @@ class QEMUDriver(Driver):
                 # TMPDIR: where QEMU would put a snapshot overlay; inside our directory, removed with it.
                 env = {**os.environ, "TMPDIR": str(self.workdir)}
                 self._process = subprocess.Popen(
-                    self._command(path, port),
+                    self._command(path, port, **options),
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
@@ -432,6 +567,9 @@ class QEMUDriver(Driver):
         _release_port(port)
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+        staging, self._staging = self._staging, None
+        if staging is not None:  # its disk was the VM's, so it goes only now the VM is gone
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _kill_vm(self) -> None:
         with self._lock:
@@ -461,14 +599,17 @@ def _kill_stale_vm(directory: Path, owner: dict[str, Any]) -> list[str]:
     return [f"{QEMU} process {pid} of build {owner.get('build_id') or '?'}"]
 
 
-def sweep(root: str | None = None) -> list[str]:
-    """Kill VMs and remove overlay directories whose worker process is gone.
+def sweep(root: str | None = None, settings: QemuSettings | None = None) -> list[str]:
+    """Kill VMs and remove overlay directories whose worker process is gone; keep saved states in their bound.
 
     A worker calls it at start-up; a directory whose owner process is alive is
     never touched (djinn.drivers.leftovers). A VM normally dies with its worker,
     through setpriv --pdeathsig; this covers hosts without setpriv.
     """
-    return leftovers.sweep(DIR_PREFIX, "VM directory", root, before_remove=_kill_stale_vm)
+    removed = leftovers.sweep(DIR_PREFIX, "VM directory", root, before_remove=_kill_stale_vm)
+    if settings is not None and settings.warm:
+        removed += qemu_state.sweep(Path(settings.disks) / qemu_state.CACHE_DIR, settings.warm_limit)
+    return removed
 
 
 DRIVER = QEMUDriver

@@ -186,7 +186,8 @@ def sweep_leftovers(ctx: WorkerContext) -> list[str]:
     docker: containers and volumes of builds not running with a fresh heartbeat
     (the engine may be shared by several hosts); os: build directories and the
     processes still running in them, qemu: VMs and their overlay directories,
-    each when the worker process that made them is gone (djinn.drivers.leftovers).
+    each when the worker process that made them is gone (djinn.drivers.leftovers),
+    and saved qemu machine states over their bound.
     """
     kind = driver_kind(ctx.config.driver)
     # Each driver module loads its own client library (docker, paramiko): only this worker's is imported.
@@ -199,13 +200,13 @@ def sweep_leftovers(ctx: WorkerContext) -> list[str]:
             )}
         removed = sweep(ctx.drivers.settings_for("docker"), keep=live)
     elif kind == "os":
-        from djinn.drivers.os import sweep as sweep_os
+        from djinn.drivers.os import sweep as sweep_os  # as above: this worker's driver only
 
         removed = sweep_os()
     elif kind == "qemu":
-        from djinn.drivers.qemu import sweep as sweep_qemu
+        from djinn.drivers.qemu import sweep as sweep_qemu  # as above (paramiko)
 
-        removed = sweep_qemu()
+        removed = sweep_qemu(settings=ctx.drivers.settings_for("qemu"))
     else:
         return []
     for item in removed:

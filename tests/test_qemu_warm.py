@@ -1,0 +1,136 @@
+"""qemu builds restored from a saved machine state (djinn.drivers.qemu_state), on real VMs.
+
+The first build of an image boots it cold and saves the running machine; the
+builds after it restore that state. Each test has its own disks directory, so
+its saved states are its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from qemu_support import QemuImage, sha256
+
+from djinn.drivers import qemu_state
+from djinn.drivers.qemu import QEMUDriver
+from djinn.runner.output import job_script
+
+MEMORY = 512
+RESTORED = b"Restored the machine from its saved state\n"
+PROBE = [
+    "date +%s",
+    "head -c 16 /dev/urandom | od -An -x | tr -d ' \\n'; echo",
+    "ls /root",
+    "echo written-by-$BUILD > /root/mark-$BUILD",
+]
+
+
+def run_build(disks: Path, name: str, **settings) -> tuple[bytes, list[str], float]:
+    """One build's create log, its job's output lines and the host's time when the job ran."""
+    driver = QEMUDriver({"image": "djinn-test", "disks": str(disks), "memory": MEMORY, **settings})
+    log = bytearray()
+    out = bytearray()
+    try:
+        driver.create({"BUILD": name}, log.extend)
+        ran_at = time.time()
+        code = driver.execute("probe", job_script(PROBE), out.extend)
+    finally:
+        driver.destroy()
+    assert code == 0, out.decode()
+    lines = [line for line in out.decode().splitlines() if not line.startswith("+ ")]
+    return bytes(log), lines, ran_at
+
+
+def saved_states(disks: Path) -> list[qemu_state.SavedState]:
+    root = disks / qemu_state.CACHE_DIR
+    return [qemu_state.SavedState(d) for d in sorted(root.iterdir()) if qemu_state.PARTIAL not in d.name] if root.is_dir() else []
+
+
+def checksums(saved: qemu_state.SavedState) -> tuple[str, str]:
+    return sha256(saved.disk), sha256(saved.state)
+
+
+def test_restored_machines_are_isolated_current_and_random(qemu_image: QemuImage, tmp_path):
+    disks = qemu_image.disks_with(tmp_path)
+    base = sha256(qemu_image.path)
+
+    log, first, _ = run_build(disks, "one")
+    assert RESTORED not in log  # the first build boots cold, and saves the machine
+    [saved] = saved_states(disks)
+    frozen = checksums(saved)
+
+    restored = []
+    for name in ("two", "three"):
+        log, lines, ran_at = run_build(disks, name)
+        assert RESTORED in log, log.decode()
+        clock, random, listing = lines[0], lines[1], lines[2:]
+        # A file an earlier build wrote is not there: each build has a throwaway layer of its own.
+        assert not any("mark-" in entry for entry in listing), listing
+        # The guest's clock was set on restore (the saved machine's clock stopped when it was saved).
+        assert abs(int(clock) - ran_at) <= 5, (clock, ran_at)
+        restored.append(random)
+    assert restored[0] != restored[1], "two restored machines produced the same random bytes"
+    assert first[1] not in restored
+
+    # Nothing wrote to the base image or the saved state.
+    assert sha256(qemu_image.path) == base
+    assert saved_states(disks) == [saved] and checksums(saved) == frozen
+
+
+def test_a_damaged_saved_state_is_removed_and_the_build_boots_cold(qemu_image: QemuImage, tmp_path):
+    disks = qemu_image.disks_with(tmp_path)
+    run_build(disks, "one")
+    [saved] = saved_states(disks)
+    recorded = json.loads(saved.meta.read_text())["state_sha256"]
+    # Damage a few bytes in the middle: QEMU itself would load this and run a corrupted guest.
+    with open(saved.state, "r+b") as f:
+        f.seek(saved.state.stat().st_size // 2)
+        f.write(b"\xff" * 16)
+
+    log, lines, _ = run_build(disks, "two")
+    text = log.decode()
+    assert RESTORED not in log
+    assert "the saved machine state of image djinn-test cannot be used (its state file does not match its checksum)" in text
+    assert "the machine boots cold" in text
+    assert not any("mark-" in line for line in lines[2:]), "the cold boot saw another build's files"
+    # The cold boot saved the machine again, whole this time, and the next build restores it.
+    [again] = saved_states(disks)
+    assert json.loads(again.meta.read_text())["state_sha256"] != recorded
+    log, _, _ = run_build(disks, "three")
+    assert RESTORED in log
+
+
+def test_warm_false_boots_every_build_cold_and_keeps_no_state(qemu_image: QemuImage, tmp_path):
+    disks = qemu_image.disks_with(tmp_path)
+    log, _, _ = run_build(disks, "one", warm="false")
+    assert RESTORED not in log
+    assert not (disks / qemu_state.CACHE_DIR).exists()
+
+
+def test_sweep_removes_unfinished_states_of_dead_workers_and_the_least_recently_used(tmp_path):
+    root = tmp_path / "cache"
+    root.mkdir()
+
+    def state(name: str, size: int, used: float) -> Path:
+        directory = root / name
+        directory.mkdir()
+        (directory / "state").write_bytes(os.urandom(size))
+        (directory / "meta.json").write_text("{}")
+        os.utime(directory / "meta.json", (used, used))
+        return directory
+
+    old = state("old", 3 << 20, 1000.0)
+    recent = state("recent", 3 << 20, 2000.0)
+    dead = root / f"key{qemu_state.PARTIAL}999999999-1"  # no such pid
+    dead.mkdir()
+    mine = root / f"key{qemu_state.PARTIAL}{os.getpid()}-1"  # a live process is still saving it
+    mine.mkdir()
+
+    removed = qemu_state.sweep(root, limit=4 << 20)
+    assert not dead.exists() and mine.exists()
+    assert not old.exists() and recent.exists()  # over the bound: the least recently used goes first
+    assert len(removed) == 2
+    assert qemu_state.sweep(root, limit=4 << 20) == []
