@@ -1,4 +1,5 @@
-"""The package layout is the data path (README, Layout): each package imports only from those below it.
+"""The package layout is the data path (README, Layout): each package imports only from those below it,
+and the modules of a package in WITHIN only from those listed before them.
 
 Read from the source with `ast`, so it holds for imports inside functions too.
 """
@@ -25,6 +26,10 @@ LAYERS = [
     ("djinn.tasks",),
     ("djinn.cli",),
 ]
+# Packages whose own modules are layered too, lowest first; the package's __init__ sits on top of them all.
+WITHIN = {
+    "djinn.drivers.ssh": ("connect", "files", "session"),
+}
 # `import djinn` / `from djinn import __version__`: the package itself, whose Celery app is made lazily.
 PACKAGE = "djinn"
 
@@ -78,3 +83,23 @@ def test_imports_only_from_layers_below(path: Path):
         if target is None or target > own:
             upward.append(f"{path.relative_to(ROOT.parent)}:{line}: {name}")
     assert upward == [], f"{module} imports from above its layer:\n" + "\n".join(upward)
+
+
+def _within(package: str) -> list[str]:
+    return [f"{package}.{name}" for name in WITHIN[package]] + [package]
+
+
+@pytest.mark.parametrize("path", [p for p in SOURCES if module_name(p).rpartition(".")[0] in WITHIN or module_name(p) in WITHIN],
+                         ids=lambda p: module_name(p))
+def test_layered_package_imports_only_its_modules_below(path: Path):
+    module = module_name(path)
+    package = module if module in WITHIN else module.rpartition(".")[0]
+    order = _within(package)
+    assert module in order, f"{module} is not listed in WITHIN[{package!r}] of tests/test_layout.py"
+    own = order.index(module)
+    upward = [
+        f"{path.relative_to(ROOT.parent)}:{line}: {name}"
+        for line, name in imported(ast.parse(path.read_text(), str(path)))
+        if (name == package or name.startswith(package + ".")) and (name not in order or order.index(name) >= own)
+    ]
+    assert upward == [], f"{module} imports from its own layer or above it in {package}:\n" + "\n".join(upward)
