@@ -6,7 +6,8 @@ import select
 import time
 
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event
+from waiting import wait_for
 
 from djinn.db.engine import sessions as make_sessions
 from djinn.db.engine import transaction
@@ -109,3 +110,50 @@ def test_final_write_can_be_run_again_after_a_failed_transaction(worker_env, cla
         assert reporter.finish(conn, Status.FAILED, lease)
     assert worker_env.sql("SELECT status, output FROM builds WHERE id = :id", id=build_id) == [("failed", "kept\n")]
     assert job_row(worker_env, build_id) == ("failed", "kept\n")
+
+
+def _report(reporter, job, pieces, wait_written=None):
+    reporter.job_started(job)
+    for piece in pieces:
+        reporter.job_output(job, piece)
+    if wait_written is not None:
+        wait_written()
+    reporter.job_finished(job, Status.FAILED, ran=True)
+    reporter.build_finished(Status.FAILED)
+
+
+def _rows(worker_env, build_id):
+    job = worker_env.sql(
+        "SELECT status, output, started_at IS NOT NULL, finished_at IS NOT NULL FROM build_jobs WHERE build_id = :id AND name = 'a.1'",
+        id=build_id,
+    )
+    build = worker_env.sql("SELECT status, output, worker, finished_at IS NOT NULL FROM builds WHERE id = :id", id=build_id)
+    return job, build
+
+
+def test_a_short_builds_final_write_is_one_statement_with_the_rows_the_batched_path_writes(worker_env, claimed):
+    pieces = [b"caf\xc3", b"\xa9 one\n", b"two\n"]  # a UTF-8 sequence split across reports
+    # Batched: the writer thread has written the output before the end.
+    build_id, lease, reporter, job, engine = claimed
+    _report(reporter, job, pieces, wait_written=lambda: wait_for(
+        lambda: worker_env.sql("SELECT count(*) FROM build_job_output WHERE build_id = :id", id=build_id)[0][0] > 0, 10, "the output written"))
+    with engine.begin() as conn:
+        assert reporter.finish(conn, Status.FAILED, lease)
+    batched = _rows(worker_env, build_id)
+
+    # From memory: nothing written before the end; one statement writes every row.
+    other = worker_env.submit(MANIFEST)
+    with transaction(make_sessions(engine)) as session:
+        other_lease = claim(session, other, "w1")
+    ((other_job,),) = worker_env.sql("SELECT id FROM build_jobs WHERE build_id = :id AND name = 'a.1'", id=other)
+    memory_reporter = DatabaseReporter(engine, other, {job.key: other_job})
+    _report(memory_reporter, job, pieces)
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda conn, cursor, sql, *rest: statements.append(sql))
+    with engine.begin() as conn:
+        assert memory_reporter.finish(conn, Status.FAILED, other_lease)
+    assert len(statements) == 1 and "json_to_recordset" in statements[0]
+    assert _rows(worker_env, other) == batched
+    assert batched[0] == [("failed", "café one\ntwo\n", True, True)]
+    assert batched[1] == [("failed", "café one\ntwo\n", None, True)]
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import datetime as dt
+import json
 import logging
 import threading
 import time
@@ -90,6 +91,32 @@ FINISH_BUILD = text(
       output = CASE WHEN :fold THEN
         (SELECT COALESCE(string_agg(o.data, '' ORDER BY o.id), '') FROM build_job_output o WHERE o.build_id = :id)
         ELSE output END
+    WHERE id = :id AND worker = :worker AND attempt = :attempt AND status = 'running'
+    RETURNING pg_notify('{FINISHED_CHANNEL}', CAST(:id AS text))
+    """
+)
+
+
+# FINISH_BUILD for a build none of whose output was written yet (a short build: the
+# writer thread had nothing worth a transaction before the end): every job's final
+# row and the build's, from memory, in one statement. Like FINISH_BUILD it is only
+# kept when a row comes back; the caller rolls back otherwise.
+FINISH_FROM_MEMORY = text(
+    f"""
+    WITH jobs AS (
+      SELECT * FROM json_to_recordset(CAST(:jobs AS json))
+        AS j(id bigint, status text, started_at timestamptz, finished_at timestamptz, output text, ran boolean, finished boolean)
+    ),
+    job_rows AS (
+      UPDATE build_jobs b SET
+        status = CAST(j.status AS status),
+        started_at = COALESCE(j.started_at, b.started_at),
+        finished_at = j.finished_at,
+        output = CASE WHEN j.finished AND j.ran THEN j.output WHEN j.finished THEN COALESCE(b.output, '') ELSE b.output END
+      FROM jobs j WHERE b.id = j.id AND b.build_id = :id
+    ),
+    placed AS (UPDATE build_objects SET placed = true WHERE build_id = :id AND :objects_placed)
+    UPDATE builds SET status = :status, finished_at = now(), worker = NULL, output = :output
     WHERE id = :id AND worker = :worker AND attempt = :attempt AND status = 'running'
     RETURNING pg_notify('{FINISHED_CHANNEL}', CAST(:id AS text))
     """
@@ -194,6 +221,10 @@ class DatabaseReporter(Reporter):
         """
         # Nothing here changes the reporter, so a caller may run it again in a new
         # transaction when the first one failed (a lost connection).
+        if not self.sizes:
+            from_memory = self._from_memory(status, lease)
+            if from_memory is not None:
+                return conn.execute(FINISH_FROM_MEMORY, from_memory).first() is not None
         sizes = self._write_ops(conn, self._ops)
         params = {
             "id": self.build_id,
@@ -204,6 +235,42 @@ class DatabaseReporter(Reporter):
             "objects_placed": self.objects_placed,
         }
         return conn.execute(FINISH_BUILD, params).first() is not None
+
+    def _from_memory(self, status: Status, lease: Lease) -> dict[str, Any] | None:
+        """FINISH_FROM_MEMORY's parameters from the reports still queued; None when they are too big for it.
+
+        The jobs' rows change as UPDATE_JOB would change them for the same reports.
+        """
+        jobs: dict[int, dict[str, Any]] = {}
+        chunks: dict[int, list[str]] = {}
+        output: list[str] = []
+        for op in self._ops:
+            kind, job_id = op[0], op[1]
+            if kind == "output":
+                chunks.setdefault(job_id, []).extend(op[2])
+                output.extend(op[2])
+                continue
+            job = jobs.setdefault(job_id, {"id": job_id, "status": Status.RUNNING.value, "started_at": None,
+                                           "finished_at": None, "output": None, "ran": False, "finished": False})
+            if kind == "start":
+                job["started_at"] = op[2].isoformat()
+            else:
+                finished_status, finished_at, ran = op[2:]
+                job.update(status=finished_status.value, finished_at=finished_at.isoformat(), ran=ran, finished=True)
+        build_output = "".join(output)
+        if len(build_output) > COLUMN_LIMIT:
+            return None
+        for job_id, job in jobs.items():
+            job["output"] = "".join(chunks.get(job_id, ()))
+        return {
+            "jobs": json.dumps(list(jobs.values())),
+            "id": self.build_id,
+            "status": status.value,
+            "worker": lease.worker,
+            "attempt": lease.attempt,
+            "output": build_output,
+            "objects_placed": self.objects_placed,
+        }
 
     # -- the writer thread ------------------------------------------------------
 
