@@ -21,6 +21,7 @@ def __getattr__(name: str) -> Any:
     global _app
     if name in ("app", "celery"):
         if _app is None:
+            # Made on first use: `import djinn` (the CLIs, the tests) must not load Celery.
             from djinn.worker.queue import make_app
 
             _app = make_app()

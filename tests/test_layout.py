@@ -103,3 +103,34 @@ def test_layered_package_imports_only_its_modules_below(path: Path):
         if (name == package or name.startswith(package + ".")) and (name not in order or order.index(name) >= own)
     ]
     assert upward == [], f"{module} imports from its own layer or above it in {package}:\n" + "\n".join(upward)
+
+
+def _local_imports(tree: ast.AST) -> list[int]:
+    """Lines of the imports inside functions."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for stmt in ast.walk(node):
+                if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                    lines.append(stmt.lineno)
+    return sorted(set(lines))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT.parent)))
+def test_imports_inside_functions_say_why(path: Path):
+    """An import inside a function hides a dependency: allowed where a comment says why
+    (import cost, an optional library, the lazy Celery app), next to it or, for a module
+    whose commands all do it, once at the top as `# Function-local imports: ...`."""
+    text = path.read_text()
+    if "\n# Function-local imports:" in text:
+        return
+    lines = text.splitlines()
+    unexplained = []
+    for line in _local_imports(ast.parse(text)):
+        start = line - 1
+        while start > 0 and lines[start - 1].strip().startswith(("import ", "from ")):
+            start -= 1  # the comment may stand above the whole run of imports
+        window = lines[max(0, start - 3): line]
+        if not any("#" in candidate for candidate in window):
+            unexplained.append(f"{path.relative_to(ROOT.parent)}:{line}: {lines[line - 1].strip()}")
+    assert not unexplained, "imports inside functions without a comment saying why:\n" + "\n".join(unexplained)

@@ -16,8 +16,8 @@ Exit status: 0 done, 1 a service is unreachable (or the command failed),
 
 from __future__ import annotations
 
-# Each subcommand imports what it uses when it runs, so -help, -version and -check
-# answer without loading Celery, SQLAlchemy or a driver's client library.
+# Function-local imports: each subcommand imports what it uses when it runs, so -help,
+# -version and -check answer without loading Celery, SQLAlchemy or a driver's client library.
 import argparse
 import datetime
 import json

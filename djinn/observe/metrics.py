@@ -387,6 +387,7 @@ class _RunningCollector:
         self.exporter = exporter
 
     def collect(self) -> Iterable[Any]:
+        # prometheus_client is optional: loaded only once a worker serves metrics.
         from prometheus_client.core import GaugeMetricFamily
 
         family = GaugeMetricFamily("djinn_builds_running", "Builds this worker runs now.", labels=["driver"])
@@ -395,7 +396,7 @@ class _RunningCollector:
         yield family
 
     def describe(self) -> Iterable[Any]:
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import GaugeMetricFamily  # optional, as in collect
 
         return [GaugeMetricFamily("djinn_builds_running", "Builds this worker runs now.", labels=["driver"])]
 
