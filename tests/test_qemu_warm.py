@@ -124,13 +124,15 @@ def test_sweep_removes_unfinished_states_of_dead_workers_and_the_least_recently_
 
     old = state("old", 3 << 20, 1000.0)
     recent = state("recent", 3 << 20, 2000.0)
-    dead = root / f"key{qemu_state.PARTIAL}999999999-1"  # no such pid
+    dead = root / f"key{qemu_state.PARTIAL}999999999-1-1"  # no such process
     dead.mkdir()
-    mine = root / f"key{qemu_state.PARTIAL}{os.getpid()}-1"  # a live process is still saving it
-    mine.mkdir()
+    reused = root / f"key{qemu_state.PARTIAL}{os.getpid()}-1-1"  # this pid, but another process's start
+    reused.mkdir()
+    mine = qemu_state.staging_dir(root, "key")  # a live process is still saving it
+    (mine / "state.partial").write_bytes(b"x")
 
     removed = qemu_state.sweep(root, limit=4 << 20)
-    assert not dead.exists() and mine.exists()
+    assert not dead.exists() and not reused.exists() and mine.exists()
     assert not old.exists() and recent.exists()  # over the bound: the least recently used goes first
-    assert len(removed) == 2
+    assert len(removed) == 3
     assert qemu_state.sweep(root, limit=4 << 20) == []

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from djinn.drivers import leftovers
 from djinn.errors import DriverError
 
 log = logging.getLogger(__name__)
@@ -251,9 +252,10 @@ def restore(qmp: QMP, saved: SavedState, alive: Any) -> None:
 
 
 def staging_dir(root: Path, key: str) -> Path:
-    """A new directory next to where `key`'s state goes, named so the sweep can tell whose it is."""
+    """A new directory next to where `key`'s state goes, named by its process (pid and start) for the sweep."""
     root.mkdir(parents=True, exist_ok=True)
-    directory = root / f"{key}{PARTIAL}{os.getpid()}-{time.monotonic_ns()}"
+    pid = os.getpid()
+    directory = root / f"{key}{PARTIAL}{pid}-{leftovers.process_start(pid)}-{time.monotonic_ns()}"
     directory.mkdir()
     return directory
 
@@ -268,16 +270,6 @@ def _size(directory: Path) -> int:
     return total
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep(root: Path, limit: int) -> list[str]:
     """Remove states that were never finished by a live process, then the least recently used beyond `limit` bytes."""
     if not root.is_dir():
@@ -288,8 +280,8 @@ def sweep(root: Path, limit: int) -> list[str]:
         if not directory.is_dir():
             continue
         if PARTIAL in directory.name:
-            pid = directory.name.split(PARTIAL, 1)[1].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            pid, started = (directory.name.split(PARTIAL, 1)[1].split("-") + ["", ""])[:2]
+            if not (pid.isdigit() and started.isdigit() and leftovers.same_process(int(pid), int(started))):
                 shutil.rmtree(directory, ignore_errors=True)
                 removed.append(f"unfinished saved machine state {directory.name}")
             continue
