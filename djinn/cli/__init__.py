@@ -105,20 +105,21 @@ def read_text_file(path: str, what: str) -> str:
         raise InputError(f"{what}{path}: not valid UTF-8 (byte {exc.start})") from None
 
 
-def variable_pairs(values: Sequence[str], flag: str, *, from_environment: bool) -> list[tuple[str, str]]:
-    """`KEY=VALUE` flags; with `from_environment`, a bare `KEY` takes the value of $KEY.
+def variable_pairs(values: Sequence[str], flag: str, *, from_environment: bool, form: str = "KEY=VALUE") -> list[tuple[str, str]]:
+    """`KEY=VALUE` flags (every command's); with `from_environment`, a bare `KEY` takes the value of $KEY.
 
-    The bare form keeps secrets out of the process's argv (visible to `ps`).
+    The bare form keeps secrets out of the process's argv (visible to `ps`). `form`
+    is how the messages spell the flag's value (`-key NAME=FILE`).
     """
     out = []
     for value in values:
         key, eq, val = value.partition("=")
         check_text(key, f"{flag} name")
         if not key:
-            raise InputError(f"{flag} {value!r}: expected KEY=VALUE" + (" or KEY" if from_environment else ""))
+            raise InputError(f"{flag} {value!r}: expected {form}" + (" or KEY" if from_environment else ""))
         if not eq:
             if not from_environment:
-                raise InputError(f"{flag} {value!r}: expected KEY=VALUE")
+                raise InputError(f"{flag} {value!r}: expected {form}")
             env = os.environ.get(key)
             if env is None:
                 raise InputError(f"{flag} {key}: no '=' and no environment variable {key} to take the value from")

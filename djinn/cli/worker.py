@@ -216,11 +216,9 @@ def cmd_migrate(argv: Sequence[str]) -> int:
 def _key_files(values: Sequence[str]) -> list[tuple[str, str]]:
     """`-key NAME=FILE` pairs; NAME becomes /root/.ssh/NAME, so it must be a plain file name."""
     out = []
-    for value in values:
-        name, eq, path = value.partition("=")
-        check_text(name, "-key name")
-        if not eq or not name or not path:
-            raise InputError(f"-key {value!r}: expected NAME=FILE")
+    for name, path in variable_pairs(values, "-key", from_environment=False, form="NAME=FILE"):
+        if not path:
+            raise InputError(f"-key {name}=: expected NAME=FILE")
         if "/" in name or name in (".", "..") or len(name.encode()) > 255:
             raise InputError(f"-key {name!r}: the key name must be a plain file name (it is written to /root/.ssh/NAME)")
         out.append((name, path))
