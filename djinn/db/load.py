@@ -12,7 +12,7 @@ import base64
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import RowMapping, text
+from sqlalchemy import Connection, RowMapping, text
 from sqlalchemy.orm import Session
 
 from djinn.crypto import Cipher
@@ -88,15 +88,25 @@ CLAIM_AND_LOAD = text(
 LOAD = text(f"SELECT {_COLUMNS} FROM builds b LEFT JOIN build_drivers d ON d.build_id = b.id WHERE b.id = :id")
 
 
+def claim_queued(conn: Connection | Session, build_id: int, worker: str) -> tuple[Lease, RowMapping] | None:
+    """The common case alone: a queued build with attempts left, claimed and read in one statement.
+
+    One statement is atomic by itself, so on a connection in autocommit this is a
+    single round trip. None when the build is anything else (see `claim_and_load`).
+    """
+    row: RowMapping | None = conn.execute(CLAIM_AND_LOAD, {"id": build_id, "worker": worker, "max_attempts": MAX_ATTEMPTS}).mappings().first()
+    return (Lease(build_id, worker, row["attempt"]), row) if row is not None else None
+
+
 def claim_and_load(session: Session, build_id: int, worker: str) -> tuple[Lease, RowMapping] | None:
     """Claim build `build_id` for `worker` and read its rows; None when it is not this worker's to run.
 
     Runs in the caller's transaction, so a claim whose read fails is rolled back with it.
     The row is undecoded (see `decode`): decrypting is the caller's, with the worker's key.
     """
-    row: RowMapping | None = session.execute(CLAIM_AND_LOAD, {"id": build_id, "worker": worker, "max_attempts": MAX_ATTEMPTS}).mappings().first()
-    if row is not None:
-        return Lease(build_id, worker, row["attempt"]), row
+    claimed = claim_queued(session, build_id, worker)
+    if claimed is not None:
+        return claimed
     lease = claim(session, build_id, worker)
     if lease is None:
         return None

@@ -194,7 +194,10 @@ def _run_build(ctx: WorkerContext, build_id: int, run: RunControl) -> Status | N
 
     def claim(session: Session) -> tuple[Lease, RowMapping] | None:
         sent_at[0] = time.monotonic()  # the claim sets the heartbeat: the lease's clock starts no later
-        return load.claim_and_load(session, build_id, ctx.name)
+        # The common case in autocommit, one round trip; anything else in the session's transaction.
+        with ctx.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            claimed = load.claim_queued(conn, build_id, ctx.name)
+        return claimed if claimed is not None else load.claim_and_load(session, build_id, ctx.name)
 
     try:
         claimed = retry_while_unavailable(
