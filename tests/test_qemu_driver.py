@@ -83,7 +83,8 @@ def test_build_through_offline_runner(qemu_image: QemuImage, tmp_path):
     (tmp_path / "objs").mkdir()
     (tmp_path / "objs" / "in.txt").write_text("from an object\n")
     (tmp_path / ".djinn.yml").write_text(BUILD)
-    (tmp_path / "driver.conf").write_text(f'driver qemu {{\n  disks "{disks}"\n  cpus 1\n  memory {MEMORY}\n}}\n')
+    # warm false: this build boots cold in snapshot mode and keeps no saved machine state.
+    (tmp_path / "driver.conf").write_text(f'driver qemu {{\n  disks "{disks}"\n  cpus 1\n  memory {MEMORY}\n  warm false\n}}\n')
     res = subprocess.run(
         [DJINN, "-driver", "driver.conf", "-objects", "objs", "-artifacts", "arts"],
         cwd=tmp_path, capture_output=True, text=True, timeout=BOOT + 120,
@@ -98,6 +99,7 @@ def test_build_through_offline_runner(qemu_image: QemuImage, tmp_path):
     assert (tmp_path / "arts" / "result.txt").read_text() == "from an object\nhello from the host\n"
     # Snapshot mode: the base image is byte-identical; and the VM is gone.
     assert sha256(qemu_image.path) == before
+    assert not (disks / "_warm").exists()
     assert qemu_processes(str(disks)) == []
 
 
@@ -129,9 +131,10 @@ def test_two_builds_at_once_get_their_own_vm_and_port_and_die_on_kill(qemu_image
     try:
         for build in builds:
             build[4].start()
-        for name, reporter, _, _, _, result in builds:
+        for name, reporter, driver, _, _, result in builds:
+            # On a timeout, the VM's own log says how far it got (serial console, QEMU's errors).
             wait_for(lambda r=reporter, res=result: "ready djinn-test root" in r.text("run.1") or "status" in res, BOOT,
-                     lambda n=name, r=reporter: f"the {n} build's job: {dict(r.output)}")
+                     lambda n=name, r=reporter, d=driver: f"the {n} build's job: {dict(r.output)}{d._log_tail()}")
             assert "status" not in result, f"the {name} build ended early: {result} {dict(reporter.output)}"
 
         (_, _, a, *_), (_, _, b, *_) = builds
