@@ -180,6 +180,12 @@ def _process_listens(pid: int, port: int) -> bool:
     return False
 
 
+def disk_format(path: Path) -> str:
+    """qcow2 or raw, from the file's magic (QEMU must be told: guessing a raw image's format is unsafe)."""
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+
+
 def _octal(data: bytes) -> str:
     """`data` as printf(1) octal escapes (no xxd or base64 needed in the guest)."""
     return "".join(f"\\{byte:03o}" for byte in data)
@@ -372,9 +378,7 @@ class QEMUDriver(Driver):
         assert self.workdir is not None
         staging = qemu_state.staging_dir(root, key)
         self._staging = staging
-        with open(path, "rb") as f:
-            fmt = "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
-        qemu_state.overlay(staging / "disk.qcow2", path, fmt)
+        qemu_state.overlay(staging / "disk.qcow2", path, disk_format(path))
         self._launch(staging / "disk.qcow2", deadline, qmp=True)
         self._connect(deadline)
         try:
@@ -421,10 +425,8 @@ class QEMUDriver(Driver):
         ]
 
     def _command(self, path: Path, port: int, *, snapshot: bool = False, qmp: bool = False, incoming: bool = False) -> list[str]:
-        with open(path, "rb") as f:
-            fmt = "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
         devices = self._devices()
-        drive = f"file={_opt(str(path))},if=virtio,id=disk0,format={fmt}"
+        drive = f"file={_opt(str(path))},if=virtio,id=disk0,format={disk_format(path)}"
         devices[devices.index("if=virtio,id=disk0")] = drive + (",snapshot=on" if snapshot else "")
         devices[devices.index("user,model=virtio-net-pci")] = f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22"
         # setpriv --pdeathsig: the VM is killed by the kernel if the thread that started it
