@@ -74,7 +74,7 @@ def test_killed_worker_leaves_an_os_build_directory_the_next_worker_removes(work
     assert build_dir.exists()  # what the SIGKILL left (and perhaps the job, which runs in a session of its own)
 
     second = worker_env.start_worker(name="second")
-    wait_for(lambda: not build_dir.exists(), 60, f"{build_dir} is still there; log:\n{worker_env.log_tail()}")
+    wait_for(lambda: not build_dir.exists(), 60, lambda: f"{build_dir} is still there; log:\n{worker_env.log_tail()}")
     wait_for(lambda: not any(alive(pid) for pid in jobs), 30, "the stale job still runs")
     assert f"removed leftover build directory {build_dir} of build {build_id}" in (worker_env.root / "worker.log").read_text()
 
@@ -147,6 +147,22 @@ def test_qemu_sweep_kills_a_stray_vm_process_and_removes_its_directory(tmp_path)
                 proc.wait()
 
 
+def test_an_owner_that_is_a_zombie_is_gone(tmp_path):
+    """A SIGKILLed worker's pool process can stay a zombie for seconds (an init that reaps lazily): it runs nothing."""
+    child = subprocess.Popen(["true"])  # not waited for yet: a zombie of this process
+    started = leftovers.process_start(child.pid)
+    try:
+        wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z",
+                 10, "the child to exit")
+        assert leftovers.process_start(child.pid) == started  # the pid and its start time still read as before
+        assert not leftovers.same_process(child.pid, started)
+        zombie_owned = mark(tmp_path / "djinn-build-zombie", build_id="17", pid=child.pid, started=started)
+        assert os_driver.sweep(root=str(tmp_path)) == [f"build directory {zombie_owned} of build 17"]
+        assert not zombie_owned.exists()
+    finally:
+        child.wait()
+
+
 def test_os_driver_marks_its_build_directory(tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     driver = os_driver.OSDriver({}, BuildIdentity("31", "host:1"))
@@ -178,20 +194,20 @@ def test_killed_qemu_worker_leaves_a_vm_directory_the_next_worker_removes(worker
                 return directory, owner
         return None
 
-    wait_for(vm_started, 120, f"no VM started; log:\n{worker_env.log_tail()}")
+    wait_for(vm_started, 120, lambda: f"no VM started; log:\n{worker_env.log_tail()}")
     vm_dir, owner = vm_started()
     assert owner["build_id"] == str(build_id) and alive(owner["vm_pid"])
     worker_env.kill_group(first)
     assert vm_dir.exists()  # QEMU's log and overlay directory: nothing ran destroy()
 
     worker_env.start_worker(name="second")
-    wait_for(lambda: not vm_dir.exists(), 60, f"{vm_dir} is still there; log:\n{worker_env.log_tail()}")
+    wait_for(lambda: not vm_dir.exists(), 60, lambda: f"{vm_dir} is still there; log:\n{worker_env.log_tail()}")
     wait_for(lambda: not alive(owner["vm_pid"]), 30, "the VM of the killed worker still runs")
     assert f"removed leftover VM directory {vm_dir} of build {build_id}" in (worker_env.root / "worker.log").read_text()
     # The rerun: the reaper takes the dead run over, then a pool process claims it. A kill sent
     # before that process listens is missed, as upstream's would be: send it until it lands.
     wait_for(lambda: worker_env.sql("SELECT attempt FROM builds WHERE id = :b", b=build_id) == [(2,)], 90,
-               f"the build was not rerun; log:\n{worker_env.log_tail()}")
+               lambda: f"the build was not rerun; log:\n{worker_env.log_tail()}")
     deadline = time.monotonic() + 120
     while worker_env.sql("SELECT status FROM builds WHERE id = :b", b=build_id) != [("killed",)]:
         assert time.monotonic() < deadline, f"the rerun was never killed; log:\n{worker_env.log_tail()}"

@@ -27,24 +27,41 @@ from djinn.drivers.base import BuildIdentity
 MARKER = "djinn-owner.json"
 
 
-def process_start(pid: int) -> int | None:
-    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat), or None when there is none."""
+def _stat(pid: int) -> list[bytes] | None:
+    """Fields 3 onwards of /proc/<pid>/stat (state first), or None when there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-    fields = stat[stat.rfind(b")") + 2:].split()
+    return stat[stat.rfind(b")") + 2:].split()
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, field 22 of /proc/<pid>/stat), or None when there is none."""
+    fields = _stat(pid)
     try:
-        return int(fields[19])  # field 22 of the line
+        return int(fields[19]) if fields is not None else None
     except (IndexError, ValueError):
         return None
 
 
 def same_process(pid: Any, started: Any) -> bool:
-    """Whether `pid` is still the process that had start time `started` (not a recycled pid)."""
-    return isinstance(pid, int) and pid > 0 and started is not None and process_start(pid) == started
+    """Whether `pid` is still the running process that had start time `started` (not a recycled pid).
+
+    A zombie counts as gone: a SIGKILLed worker's pool process stays one until an
+    init that reaps lazily (a container's) gets to it, and it runs nothing.
+    """
+    if not (isinstance(pid, int) and pid > 0 and started is not None):
+        return False
+    fields = _stat(pid)
+    if fields is None or not fields or fields[0] in (b"Z", b"X"):
+        return False
+    try:
+        return bool(int(fields[19]) == started)
+    except (IndexError, ValueError):
+        return False
 
 
 def identity(pid: int) -> dict[str, Any]:
