@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import redis
 from sqlalchemy import func, update
@@ -147,11 +147,12 @@ class _Hub:
         while True:
             try:
                 client = redis_client(self.settings, socket_timeout=None, socket_connect_timeout=2, health_check_interval=10)
-                pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
                 pubsub.psubscribe("kill-*")
                 self.subscribed.set()
+                listen: Callable[[], Iterator[dict[str, Any]]] = pubsub.listen  # redis-py leaves it unannotated
                 try:
-                    for message in pubsub.listen():
+                    for message in listen():
                         if message.get("type") == "pmessage":
                             self._deliver(message["channel"], message["data"])
                 finally:
