@@ -14,11 +14,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from ops_support import alive
+from ops_support import alive, wait_job_running
 from waiting import wait_for
 
 from djinn.drivers import BuildIdentity, leftovers, qemu
 from djinn.drivers import os as os_driver
+from djinn.drivers.removal import REMOVER
 
 LONG = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo started', 'sleep 120']}\n"
 
@@ -62,11 +63,10 @@ def test_killed_worker_leaves_an_os_build_directory_the_next_worker_removes(work
     monkeypatch.setenv("TMPDIR", str(scratch))  # the workers' temporary directory: only this test's builds
     first = worker_env.start_worker(name="first")
     build_id = worker_env.submit(LONG)
-    wait_for(lambda: any(j["name"] == "a.1" and j["status"] == "running" for j in worker_env.status(build_id)["jobs"]),
-               60, "the job did not start")
+    wait_job_running(worker_env, build_id, timeout=60)
     (build_dir,) = scratch.glob("djinn-build-*")
-    owner = leftovers.read_marker(build_dir)
-    assert owner["build_id"] == str(build_id) and owner["host"] == socket.gethostname()
+    owner = leftovers.owner_of(os_driver.DIR_PREFIX, build_dir)
+    assert owner["build_id"] == str(build_id) and leftovers._of_host(owner, socket.gethostname())
     jobs = processes_in(build_dir)
     assert jobs, "no job process runs in the build directory"
 
@@ -114,6 +114,39 @@ def test_sweep_removes_only_directories_whose_owner_is_gone(tmp_path):
         assert {item for item in removed if item.startswith("build directory")} == {
             f"build directory {stale} of build 11", f"build directory {recycled} of build 13",
             f"build directory {dead_owner} of build 14"}
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+
+
+def test_sweep_reads_the_owner_from_a_build_directory_name(tmp_path):
+    """The os driver names its owner in the directory's name (no marker file): the sweep goes by that."""
+    pid, started = dead_process()
+    me = os.getpid()
+    live = leftovers.make_owned_dir(os_driver.DIR_PREFIX, BuildIdentity("31", "test:1"), root=str(tmp_path))
+    assert leftovers.owner_of(os_driver.DIR_PREFIX, live) == {
+        "build_id": "31", "pid": me, "started": leftovers.process_start(me), "host_tag": leftovers._host_tag(socket.gethostname())}
+    assert not (live / leftovers.MARKER).exists() and oct(live.stat().st_mode & 0o777) == "0o700"
+
+    def named(build: str, owner_pid: int, owner_started: int, host: str = socket.gethostname()) -> Path:
+        path = tmp_path / f"{os_driver.DIR_PREFIX}{build}-{owner_pid}-{owner_started}-{leftovers._host_tag(host)}-0123abcd"
+        (path / "workspace").mkdir(parents=True)
+        return path
+
+    stale = named("32", pid, started)
+    job = subprocess.Popen(["sleep", "300"], cwd=stale / "workspace", start_new_session=True)
+    recycled = named("33", me, leftovers.process_start(me) - 1)
+    other_host = named("34", pid, started, host="another-host")
+    garbled = tmp_path / f"{os_driver.DIR_PREFIX}35-{pid}-x-{leftovers._host_tag(socket.gethostname())}-0123abcd"
+    garbled.mkdir()
+    try:
+        removed = os_driver.sweep(root=str(tmp_path))
+        assert not stale.exists() and not recycled.exists()
+        assert live.exists() and other_host.exists() and garbled.exists()
+        assert job.wait(10) == -9
+        assert f"process {job.pid} of build 32" in removed
+        assert f"build directory {recycled} of build 33" in removed
     finally:
         if job.poll() is None:
             job.kill()
@@ -168,12 +201,12 @@ def test_os_driver_marks_its_build_directory(tmp_path, monkeypatch):
     driver = os_driver.OSDriver({}, BuildIdentity("31", "host:1"))
     driver.create({}, lambda data: None)
     try:
-        owner = leftovers.read_marker(driver.root)
-        assert owner["build_id"] == "31" and owner["worker"] == "host:1"
-        assert leftovers.same_process(owner["pid"], owner["started"])
+        owner = leftovers.owner_of(os_driver.DIR_PREFIX, driver.root)
+        assert owner["build_id"] == "31" and leftovers.same_process(owner["pid"], owner["started"])
         assert os_driver.sweep(root=str(tmp_path)) == []  # its owner (this process) is alive
     finally:
         driver.destroy()
+    assert REMOVER.drain(30)  # removed behind the build (djinn.drivers.removal)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -22,16 +23,19 @@ from djinn.runner.output import job_script
 
 MEMORY = 512
 RESTORED = b"Restored the machine from its saved state\n"
+# Each value is printed in one write, named: the shell's trace (stderr) may come between
+# writes to stdout, but not inside one, and where it shows a value it shows the same one.
 PROBE = [
-    "date +%s",
-    "head -c 16 /dev/urandom | od -An -x | tr -d ' \\n'; echo",
-    "ls /root",
+    'echo "clock=$(date +%s)"',
+    "echo \"random=$(head -c 16 /dev/urandom | od -An -x | tr -d ' \\n')\"",
+    "echo \"listing=$(ls /root | tr '\\n' ,)\"",
     "echo written-by-$BUILD > /root/mark-$BUILD",
 ]
+PROBED = re.compile(r"\b(clock|random|listing)=([\w,.-]*)")
 
 
-def run_build(disks: Path, name: str, **settings) -> tuple[bytes, list[str], float]:
-    """One build's create log, its job's output lines and the host's time when the job ran."""
+def run_build(disks: Path, name: str, **settings) -> tuple[bytes, dict[str, str], float]:
+    """One build's create log, what its job probed (clock, random, listing) and the host's time when the job ran."""
     driver = QEMUDriver({"image": "djinn-test", "disks": str(disks), "memory": MEMORY, **settings})
     log = bytearray()
     out = bytearray()
@@ -42,8 +46,9 @@ def run_build(disks: Path, name: str, **settings) -> tuple[bytes, list[str], flo
     finally:
         driver.destroy()
     assert code == 0, out.decode()
-    lines = [line for line in out.decode().splitlines() if not line.startswith("+ ")]
-    return bytes(log), lines, ran_at
+    probed = dict(PROBED.findall(out.decode()))
+    assert set(probed) == {"clock", "random", "listing"}, out.decode()
+    return bytes(log), probed, ran_at
 
 
 def saved_states(disks: Path) -> list[qemu_state.SavedState]:
@@ -56,13 +61,13 @@ def checksums(saved: qemu_state.SavedState) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def first_build(qemu_image: QemuImage, tmp_path_factory) -> tuple[qemu_state.SavedState, list[str]]:
+def first_build(qemu_image: QemuImage, tmp_path_factory) -> tuple[qemu_state.SavedState, dict[str, str]]:
     """The first build of the image: it boots cold and saves the machine. Its state, and its job's output."""
     disks = qemu_image.disks_with(tmp_path_factory.mktemp("first"))
-    log, lines, _ = run_build(disks, "one")
+    log, probed, _ = run_build(disks, "one")
     assert RESTORED not in log
     [saved] = saved_states(disks)
-    return saved, lines
+    return saved, probed
 
 
 def with_saved_state(qemu_image: QemuImage, tmp_path: Path, saved: qemu_state.SavedState) -> Path:
@@ -81,16 +86,17 @@ def test_restored_machines_are_isolated_current_and_random(qemu_image: QemuImage
 
     restored = []
     for name in ("two", "three"):
-        log, lines, ran_at = run_build(disks, name)
+        log, probed, ran_at = run_build(disks, name)
         assert RESTORED in log, log.decode()
-        clock, random, listing = lines[0], lines[1], lines[2:]
+        clock, random, listing = probed["clock"], probed["random"], probed["listing"]
         # A file an earlier build wrote is not there: each build has a throwaway layer of its own.
-        assert not any("mark-" in entry for entry in listing), listing
+        assert "mark-" not in listing, listing
+        assert len(random) == 32, random
         # The guest's clock was set on restore (the saved machine's clock stopped when it was saved).
         assert abs(int(clock) - ran_at) <= 5, (clock, ran_at)
         restored.append(random)
     assert restored[0] != restored[1], "two restored machines produced the same random bytes"
-    assert first[1] not in restored
+    assert first["random"] not in restored
 
     # Nothing wrote to the base image or the saved state.
     assert sha256(qemu_image.path) == base
@@ -106,12 +112,12 @@ def test_a_damaged_saved_state_is_removed_and_the_build_boots_cold(qemu_image: Q
         f.seek(saved.state.stat().st_size // 2)
         f.write(b"\xff" * 16)
 
-    log, lines, _ = run_build(disks, "two")
+    log, probed, _ = run_build(disks, "two")
     text = log.decode()
     assert RESTORED not in log
     assert "the saved machine state of image djinn-test cannot be used (its state file does not match its checksum)" in text
     assert "the machine boots cold" in text
-    assert not any("mark-" in line for line in lines[2:]), "the cold boot saw another build's files"
+    assert "mark-" not in probed["listing"], "the cold boot saw another build's files"
     # The cold boot saved the machine again, whole this time.
     [again] = saved_states(disks)
     again.check()

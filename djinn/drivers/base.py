@@ -18,6 +18,23 @@ from djinn.errors import ConfigError, DriverError
 
 Output = Callable[[bytes], None]
 
+# One argument to exec may be at most 128 KiB on Linux (MAX_ARG_STRLEN); keep clear of it.
+MAX_INLINE_SCRIPT = 96 * 1024
+
+
+def inline_script(script: bytes) -> str | None:
+    """The script as the text of `sh -c`, when it fits one argument; None when it must go to a file.
+
+    Handing the script over on the command line spares a file per job: its
+    creation, and its removal, on the build's critical path.
+    """
+    if len(script) > MAX_INLINE_SCRIPT or b"\0" in script:
+        return None
+    try:
+        return script.decode()
+    except UnicodeDecodeError:
+        return None
+
 
 @dataclass(frozen=True)
 class BuildIdentity:

@@ -59,7 +59,7 @@ import requests.exceptions
 from docker.types import LogConfig, Mount
 
 from djinn.config.settings import DockerSettings, setting
-from djinn.drivers.base import BuildIdentity, Driver, Output
+from djinn.drivers.base import BuildIdentity, Driver, Output, inline_script
 from djinn.drivers.environment import refused_names_message, shell_exports
 from djinn.errors import DriverError
 from djinn.paths import PathEscapeError
@@ -75,8 +75,6 @@ SSH_DIR = "/root/.ssh"
 #: Where a script too big for the command line is copied to, and where the env file is.
 SCRIPT_DIR = "/.djinn"
 ENV_FILE = f"{SCRIPT_DIR}/env"
-# One argument to exec may be at most 128 KiB on Linux (MAX_ARG_STRLEN); keep clear of it.
-MAX_INLINE_SCRIPT = 96 * 1024
 SPOOL_SIZE = 8 << 20
 READ_SIZE = 1 << 16
 SIGKILL_STATUS = -9
@@ -376,11 +374,8 @@ class DockerDriver(Driver):
         if self._has_env:
             # Sourced before the script's own first line, so `set -x` does not trace the values.
             script = f". {ENV_FILE}\n".encode() + script
-        try:
-            text = script.decode()
-        except UnicodeDecodeError:
-            text = None
-        if text is not None and len(script) <= MAX_INLINE_SCRIPT and "\0" not in text:
+        text = inline_script(script)
+        if text is not None:
             entrypoint = ["/bin/sh", "-c", text, f"{name}.sh"]
         else:
             path = f"{SCRIPT_DIR}/{name}.sh"

@@ -1,9 +1,11 @@
 """Owner markers on build directories, so a worker starting up can remove what a killed one left.
 
-The os and qemu drivers make a temporary directory per build. Each gets a
-marker file saying which build it is for and which process made it (pid and
-the process's start time, so a recycled pid is not mistaken for the owner),
-and, for qemu, which process is the VM. The process that made the directory is
+The os and qemu drivers make a temporary directory per build. Each says
+which build it is for and which process made it (pid and the process's start
+time, so a recycled pid is not mistaken for the owner): in its name (the os
+driver's, made for every build: a marker file would be two more filesystem
+writes on each build's critical path) or in a marker file (qemu's, which also
+names the VM process once it runs). The process that made the directory is
 the one running the build in it, so a directory is stale exactly when that
 process is gone: no live worker runs a build from it (a rerun elsewhere, or on
 this host, makes a directory of its own). The database cannot say more: a
@@ -13,8 +15,11 @@ as fresh. The sweep kills what still runs for a stale directory and removes it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -64,7 +69,14 @@ def same_process(pid: Any, started: Any) -> bool:
         return False
 
 
+_own: dict[int, dict[str, Any]] = {}  # this process's identity, by pid (a forked child has a pid of its own)
+
+
 def identity(pid: int) -> dict[str, Any]:
+    if pid == os.getpid():
+        if pid not in _own:
+            _own[pid] = {"pid": pid, "started": process_start(pid)}
+        return dict(_own[pid])
     return {"pid": pid, "started": process_start(pid)}
 
 
@@ -77,9 +89,50 @@ def write_marker(directory: Path, build: BuildIdentity, **extra: Any) -> None:
         **identity(os.getpid()),
         **extra,
     }
-    temporary = directory / f".{MARKER}.tmp"
-    temporary.write_text(json.dumps(owner))
-    temporary.replace(directory / MARKER)
+    # Written in place, not renamed into place: a sweep that reads it half written finds no
+    # owner in it and leaves the directory alone, as it does one without a marker.
+    (directory / MARKER).write_text(json.dumps(owner))
+
+
+def _host_tag(host: str) -> str:
+    return hashlib.sha256(host.encode()).hexdigest()[:8]
+
+
+# <prefix><build>-<pid>-<start time>-<host tag>-<random>
+_OWNED_NAME = re.compile(r"(\d+)-(\d+)-(\d+)-([0-9a-f]{8})-[0-9a-f]{8}")
+
+
+def _of_host(owner: dict[str, Any], host: str) -> bool:
+    return bool(owner.get("host") == host) if "host" in owner else owner.get("host_tag") == _host_tag(host)
+
+
+def make_owned_dir(prefix: str, build: BuildIdentity, root: str | None = None) -> Path:
+    """A new directory `<tmp>/<prefix>...` (mode 0700) whose name says which build and which process (this one) it is for."""
+    me = identity(os.getpid())
+    build_id = build.build_id if build.build_id.isdigit() else "0"
+    owner = f"{prefix}{build_id}-{me['pid']}-{me['started'] or 0}-{_host_tag(socket.gethostname())}-"
+    base = Path(root or tempfile.gettempdir())
+    while True:
+        path = base / (owner + secrets.token_hex(4))
+        try:
+            path.mkdir(mode=0o700)
+            return path
+        except FileExistsError:  # one in four billion: draw again
+            continue
+
+
+def name_owner(prefix: str, name: str) -> dict[str, Any] | None:
+    """The owner `make_owned_dir` put in a directory's name, with a tag (a hash) for its host."""
+    found = _OWNED_NAME.fullmatch(name[len(prefix):]) if name.startswith(prefix) else None
+    if found is None:
+        return None
+    build_id, pid, started, host = found.groups()
+    return {"build_id": None if build_id == "0" else build_id, "pid": int(pid), "started": int(started), "host_tag": host}
+
+
+def owner_of(prefix: str, directory: Path) -> dict[str, Any] | None:
+    """Who made `directory`: from its name, else from its marker file."""
+    return name_owner(prefix, directory.name) or read_marker(directory)
 
 
 def read_marker(directory: Path) -> dict[str, Any] | None:
@@ -93,7 +146,7 @@ def read_marker(directory: Path) -> dict[str, Any] | None:
 def stale_dirs(prefix: str, root: str | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Marked directories `<tmp>/<prefix>*` of this host whose owner process is gone.
 
-    Directories without a marker (made by an older version, or not ours) are left alone.
+    Directories that name no owner (not ours) are left alone.
     """
     base = Path(root or tempfile.gettempdir())
     host = socket.gethostname()
@@ -102,8 +155,8 @@ def stale_dirs(prefix: str, root: str | None = None) -> Iterator[tuple[Path, dic
     except OSError:
         return
     for directory in candidates:
-        owner = read_marker(directory)
-        if owner is None or owner.get("host") != host:
+        owner = owner_of(prefix, directory)
+        if owner is None or not _of_host(owner, host):
             continue
         if same_process(owner.get("pid"), owner.get("started")):
             continue

@@ -13,27 +13,29 @@ escapes this; a cgroup per build would not, but needs a writable cgroup tree.
 
 from __future__ import annotations
 
+import functools
 import glob
+import itertools
 import os
 import secrets
 import select
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Mapping
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 
 from djinn.config.settings import OSSettings
 from djinn.drivers import leftovers
-from djinn.drivers.base import BuildIdentity, Driver, Output
+from djinn.drivers.base import BuildIdentity, Driver, Output, inline_script
+from djinn.drivers.removal import REMOVER
 from djinn.errors import DriverError
 from djinn.paths import resolve_inside
 
-#: Build directories are <tmp>/djinn-build-*, each with an owner marker (djinn.drivers.leftovers).
+#: Build directories are <tmp>/djinn-build-*, their owner in their name (djinn.drivers.leftovers).
 DIR_PREFIX = "djinn-build-"
 READ_SIZE = 1 << 20
 # After a job's shell exits, how long its leftover children may keep the output pipe open.
@@ -45,6 +47,8 @@ INHERITED = ("PATH", "LANG", "LC_ALL", "TZ")
 TAG_VARIABLE = "DJINN_BUILD_TAG"
 # How many rounds of scan-and-kill before giving up on a process that keeps forking.
 KILL_ROUNDS = 50
+# Up to how many candidate pids are tried one by one rather than found by listing /proc.
+DIRECT_LOOKUPS = 128
 
 
 class OSDriver(Driver):
@@ -70,10 +74,10 @@ class OSDriver(Driver):
 
     def create(self, env: Mapping[str, str], log: Output) -> None:
         self._born = _PidClock.now()
-        self.root = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
-        leftovers.write_marker(self.root, self.identity)
+        # The build's own directory, its owner in its name (no marker file to write), and in it
+        # the workspace: what a job puts in `..` stays private to the build and goes with it.
+        self.root = leftovers.make_owned_dir(DIR_PREFIX, self.identity)
         (self.root / "workspace").mkdir()
-        (self.root / "scripts").mkdir()
         base = {k: os.environ[k] for k in INHERITED if k in os.environ}
         base.setdefault("PATH", os.defpath)
         self.env = {**base, "HOME": str(self.workspace), **env, TAG_VARIABLE: self.tag}
@@ -91,17 +95,23 @@ class OSDriver(Driver):
         os.chmod(target, mode)
 
     def execute(self, name: str, script: bytes, output: Output) -> int:
-        script_path = self.root / "scripts" / f"{name}.sh" if self.root else None
-        if script_path is None:
+        if self.root is None:
             raise DriverError("the os driver was used before it was created")
-        script_path.write_bytes(script)
-        script_path.chmod(0o755)
+        text = inline_script(script)
+        script_path = None
+        if text is not None:
+            argv = ["/bin/sh", "-c", text, f"{name}.sh"]
+        else:
+            script_path = self.root / f"{name}.sh"  # beside the workspace, not in it
+            script_path.write_bytes(script)
+            script_path.chmod(0o755)
+            argv = ["/bin/sh", str(script_path)]
         with self._lock:
             if self._cancelled:
                 return -signal.SIGKILL
             self._swept = False
             process = subprocess.Popen(
-                ["/bin/sh", str(script_path)],
+                argv,
                 cwd=self.workspace,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
@@ -119,7 +129,8 @@ class OSDriver(Driver):
             with self._lock:
                 self._process = None
                 self._swept = True
-            script_path.unlink(missing_ok=True)
+            if script_path is not None:
+                script_path.unlink(missing_ok=True)
 
     def _stream(self, process: subprocess.Popen[bytes], output: Output) -> None:
         """Copy the job's output until the pipe closes, or shortly after the shell exits."""
@@ -149,21 +160,24 @@ class OSDriver(Driver):
         """Pids of live processes whose environment carries this build's tag (those we may read).
 
         Only processes made since `create` can carry it, so only their environments are
-        read: on a busy host that is a handful instead of every process.
+        read: usually a handful of pids, looked up one by one without listing /proc.
         """
         marker = f"{TAG_VARIABLE}={self.tag}".encode()
-        since = self._born.since() if self._born is not None else None
+        made = self._born.made_since() if self._born is not None else None
+        if made is not None and sum(map(len, made)) <= DIRECT_LOOKUPS:
+            candidates: Iterable[int] = itertools.chain.from_iterable(made)
+        else:
+            listed = (int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit())
+            candidates = listed if made is None else (pid for pid in listed if any(pid in r for r in made))
         found = []
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or (since is not None and not since(int(entry.name))):
-                continue
+        for pid in candidates:
             try:
-                with open(f"/proc/{entry.name}/environ", "rb") as f:
+                with open(f"/proc/{pid}/environ", "rb") as f:
                     environ = f.read()
-            except OSError:  # gone, or another user's
+            except OSError:  # gone, another user's, or never made
                 continue
             if marker in environ.split(b"\0"):
-                found.append(int(entry.name))
+                found.append(pid)
         return found
 
     def kill_tagged(self) -> None:
@@ -210,21 +224,37 @@ class OSDriver(Driver):
             self.kill_tagged()
 
     def destroy(self) -> None:
-        self.cancel()
+        self.cancel()  # nothing of the build runs any more: its directory can go in the background
         if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
+            REMOVER.remove(self.root)
             self.root = None
 
 
 def _read_int(path: str, prefix: bytes = b"") -> int | None:
+    """The number on the first line of `path` that starts with `prefix` (read on every job: no line-by-line Python)."""
     try:
-        with open(path, "rb") as f:
-            for line in f:
-                if line.startswith(prefix):
-                    return int(line[len(prefix):])
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            chunks = [b"\n"]
+            while chunk := os.read(fd, 1 << 16):  # /proc/stat of a many-CPU host may be longer
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        text = b"".join(chunks)
+        start = text.find(b"\n" + prefix)
+        if start >= 0:
+            start += 1 + len(prefix)
+            end = text.find(b"\n", start)
+            return int(text[start:end if end >= 0 else None])
     except (OSError, ValueError):
         pass
     return None
+
+
+@functools.cache
+def _pid_max() -> int | None:
+    """Read once per process: it is set at boot, and hardly ever changed on a running host."""
+    return _read_int("/proc/sys/kernel/pid_max")
 
 
 @dataclass(frozen=True)
@@ -242,14 +272,10 @@ class _PidClock:
 
     @classmethod
     def now(cls) -> _PidClock:
-        return cls(
-            _read_int("/proc/sys/kernel/ns_last_pid"),
-            _read_int("/proc/stat", b"processes "),
-            _read_int("/proc/sys/kernel/pid_max"),
-        )
+        return cls(_read_int("/proc/sys/kernel/ns_last_pid"), _read_int("/proc/stat", b"processes "), _pid_max())
 
-    def since(self, now: _PidClock | None = None) -> Callable[[int], bool] | None:
-        """A test for "this pid may have been made between this reading and `now`"; None when any may."""
+    def made_since(self, now: _PidClock | None = None) -> list[range] | None:
+        """The pids a process made between this reading and `now` may have (one range, two once wrapped); None when any may."""
         now = now or _PidClock.now()
         first, last = self.last, now.last
         if first is None or last is None or self.made is None or now.made is None or self.limit is None:
@@ -257,8 +283,8 @@ class _PidClock:
         if now.made - self.made >= self.limit // 2:  # could have come round to `first` again
             return None
         if last >= first:
-            return lambda pid: first < pid <= last
-        return lambda pid: pid > first or pid <= last  # wrapped once
+            return [range(first + 1, last + 1)]
+        return [range(first + 1, self.limit), range(1, last + 1)]  # wrapped once
 
 
 def sweep(root: str | None = None) -> list[str]:

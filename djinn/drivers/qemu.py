@@ -232,6 +232,7 @@ class QEMUDriver(Driver):
         self.boot_timeout = s.timeout.total_seconds()
         self.ssh = self._new_ssh()
         self._staging: Path | None = None  # a saved state this build made but did not publish: removed at the end
+        self._sealing: threading.Thread | None = None  # the saved state being made durable while the build runs
         self.accel: str | None = None
         self.port: int | None = None
         self.pid: int | None = None
@@ -389,17 +390,32 @@ class QEMUDriver(Driver):
             qmp = self._qmp()
             try:
                 description = {"image": self.image, "saved_at": time.time(), "session_pid": int(session[0])}
-                qemu_state.save(qmp, staging, self.workdir / "disk.qcow2", description)
+                partial = qemu_state.save(qmp, staging, self.workdir / "disk.qcow2")
             finally:
                 qmp.close()
         except (DriverError, OSError) as exc:
-            _log.warning("qemu image %s: the machine's state was not saved (%s); the next build boots cold too", self.image, exc)
-        else:
-            if qemu_state.publish(staging, root / key):
-                self._staging = None
-                removed = qemu_state.sweep(root, self.settings.warm_limit)
-                for item in removed:
-                    _log.info("removed %s", item)
+            self._not_saved(exc)
+            return
+        # The machine runs on: its first job need not wait for the state to reach the disk.
+        self._sealing = threading.Thread(
+            target=self._seal, args=(staging, partial, description, root, key), name="qemu-seal", daemon=True
+        )
+        self._sealing.start()
+
+    def _seal(self, staging: Path, partial: Path, description: dict[str, Any], root: Path, key: str) -> None:
+        try:
+            qemu_state.seal(staging, partial, description)
+        except OSError as exc:
+            self._not_saved(exc)
+            return
+        if qemu_state.publish(staging, root / key):
+            self._staging = None
+            removed = qemu_state.sweep(root, self.settings.warm_limit)
+            for item in removed:
+                _log.info("removed %s", item)
+
+    def _not_saved(self, exc: Exception) -> None:
+        _log.warning("qemu image %s: the machine's state was not saved (%s); the next build boots cold too", self.image, exc)
 
     def _qmp(self) -> qemu_state.QMP:
         assert self.workdir is not None
@@ -569,6 +585,9 @@ class QEMUDriver(Driver):
         _release_port(port)
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+        if self._sealing is not None:
+            self._sealing.join()  # published or not, it is decided before the staging copy may go
+            self._sealing = None
         staging, self._staging = self._staging, None
         if staging is not None:  # its disk was the VM's, so it goes only now the VM is gone
             shutil.rmtree(staging, ignore_errors=True)

@@ -196,10 +196,12 @@ class SavedState:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def save(qmp: QMP, staging: Path, active: Path, description: dict[str, Any]) -> None:
+def save(qmp: QMP, staging: Path, active: Path) -> Path:
     """Save the running machine into `staging` and let it run on with `active` as its disk's new top layer.
 
     The machine must run on `staging/disk.qcow2`; that file is frozen from here on.
+    Returns the state file as written, which `seal` makes a saved state: the machine
+    runs again before that, so the build need not wait for the disk.
     """
     qmp.command("stop")
     try:
@@ -217,6 +219,11 @@ def save(qmp: QMP, staging: Path, active: Path, description: dict[str, Any]) -> 
             time.sleep(0.02)
     finally:
         qmp.command("cont")
+    return partial
+
+
+def seal(staging: Path, partial: Path, description: dict[str, Any]) -> None:
+    """Make the state file `save` wrote durable and describe it (size, checksum): `staging` is then whole."""
     with open(partial, "rb+") as f:
         os.fsync(f.fileno())
     partial.rename(staging / "state")

@@ -17,8 +17,11 @@ move on their next line and reopen it too.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -26,6 +29,10 @@ from logging.handlers import WatchedFileHandler
 from typing import Iterator
 
 from djinn.runner import control
+
+#: Celery's own line per task ("received", "succeeded in"): below debug they are left out, as
+#: the worker writes its own per build (claimed, and how it ended), naming the build.
+PER_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -148,7 +155,22 @@ def setup(level: str, file: str | None) -> logging.Handler:
     handler.setLevel(numeric)
     root.addHandler(handler)
     root.setLevel(numeric)
+    for name in PER_TASK_LOGGERS:  # their warnings and errors (a task that raised) still show
+        logging.getLogger(name).setLevel(logging.NOTSET if numeric <= logging.DEBUG else logging.WARNING)
     return handler
+
+
+#: The signal that has a worker process write every thread's stack to its standard error.
+STACKS_SIGNAL = signal.SIGUSR2
+
+
+def dump_stacks_on_signal() -> None:
+    """A stuck build can be looked into without stopping it: `kill -USR2` each process of the worker.
+
+    faulthandler writes from its C signal handler, so it answers even while
+    the process's Python threads hold every lock there is.
+    """
+    faulthandler.register(STACKS_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
 
 
 def reopen() -> None:

@@ -1,10 +1,13 @@
 """Worker start-up and shutdown: the Celery signals around the build tasks.
 
 - setup_logging: the worker's own structured log (djinn.observe.logs) replaces Celery's;
-- worker_init (main process, before the pool forks): the metrics listener;
+- worker_init (main process, before the pool forks): the metrics listener,
+  and SIGUSR2 writing every thread's stack to standard error (also in each pool process);
 - task_failure: a task that could not do its work counts as a worker error;
 - worker_process_init (each pool process): its SIGTERM will hand its build
   back (djinn.worker.shutdown);
+- worker_process_shutdown (each pool process, as it exits): the build
+  directories it handed to be removed are gone first (djinn.drivers.removal);
 - worker_ready: start-up sweep, the reaper, the consumer of the Djinn server's
   curlyq queue (djinn.worker.curlyq), and the main process's signals (first
   SIGTERM/SIGINT drains, the second hands builds back, SIGHUP reopens);
@@ -22,11 +25,13 @@ from celery.signals import (
     task_failure,
     worker_init,
     worker_process_init,
+    worker_process_shutdown,
     worker_ready,
     worker_shutdown,
     worker_shutting_down,
 )
 
+from djinn.drivers.removal import REMOVER
 from djinn.observe import logs, metrics
 from djinn.worker import context, shutdown
 from djinn.worker.curlyq import start_for_worker
@@ -50,6 +55,7 @@ def on_setup_logging(**_: Any) -> None:
 def on_worker_init(sender: Any = None, **_: Any) -> None:
     global _controller
     _controller = sender
+    logs.dump_stacks_on_signal()
     try:
         config = context.current().config
         metrics.start(config, HealthChecker(config).check, shutdown.phase)  # a no-op when djinn-worker started it already
@@ -60,6 +66,14 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
 @worker_process_init.connect
 def on_worker_process_init(**_: Any) -> None:
     shutdown.mark_pool_process()
+    logs.dump_stacks_on_signal()
+
+
+@worker_process_shutdown.connect
+def on_worker_process_shutdown(**_: Any) -> None:
+    # A pool process ends with os._exit: atexit handlers do not run there.
+    if not REMOVER.drain(30):
+        log.warning("build directories still being removed at exit; the next start-up sweep removes them")
 
 
 @worker_ready.connect
