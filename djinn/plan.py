@@ -56,8 +56,12 @@ class BuildPlan:
         return BuildPlan(stages=(self.setup, *keep), objects=self.objects, env=self.env)
 
 
+#: The server names a build's setup stage by its number: "setup - #12".
+SETUP_STAGE_PREFIX = "setup - #"
+
+
 def setup_stage_name(number: int | None) -> str:
-    return "setup" if number is None else f"setup - #{number}"
+    return "setup" if number is None else f"{SETUP_STAGE_PREFIX}{number}"
 
 
 def clone_commands(source: Source) -> tuple[str, ...]:

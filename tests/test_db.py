@@ -90,13 +90,13 @@ def test_retry_while_unavailable_waits_for_the_server_and_gives_up_after_its_pat
     try:
         started = time.monotonic()
         with pytest.raises(db.DatabaseUnavailable) as gave_up:
-            db.retry_while_unavailable(sessions, work, patience=1.0, what="test work")
+            db.retry_while_unavailable(db.in_transaction(sessions, work), patience=1.0, what="test work")
         assert "test work: PostgreSQL unreachable" in str(gave_up.value)
         assert time.monotonic() - started < 10
         assert len(calls) >= 2  # tried again before giving up
         calls.clear()
         back.start()
-        assert db.retry_while_unavailable(sessions, work, patience=60.0) > 0
+        assert db.retry_while_unavailable(db.in_transaction(sessions, work), patience=60.0) > 0
     finally:
         if back.is_alive() or back.finished.is_set():
             back.join()
@@ -107,10 +107,29 @@ def test_retry_while_unavailable_waits_for_the_server_and_gives_up_after_its_pat
 
 def test_retry_while_unavailable_stops_when_asked_and_not_for_bad_sql(sessions, postgres):
     with pytest.raises(DBAPIError):
-        db.retry_while_unavailable(sessions, lambda s: s.execute(text("SELECT * FROM no_such_table")), patience=30.0)
+        db.retry_while_unavailable(db.in_transaction(sessions, lambda s: s.execute(text("SELECT * FROM no_such_table"))), patience=30.0)
     postgres.stop()
     try:
         with pytest.raises(db.DatabaseUnavailable):
-            db.retry_while_unavailable(sessions, backend_pid, patience=3600.0, stop=lambda: True)
+            db.retry_while_unavailable(db.in_transaction(sessions, backend_pid), patience=3600.0, stop=lambda: True)
     finally:
         postgres.start()
+
+
+def test_autocommit_connection_goes_back_to_the_pool_transactional(sessions):
+    """Each statement commits by itself inside; the same pooled connection then runs transactions again."""
+    engine = sessions.kw["bind"]
+    with db.autocommit(engine) as conn:
+        conn.exec_driver_sql("CREATE TABLE t (n int)")
+        conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    with pytest.raises(DBAPIError):
+        with db.autocommit(engine) as conn:
+            conn.exec_driver_sql("INSERT INTO t VALUES (2)")
+            conn.exec_driver_sql("SELECT no_such_column FROM t")
+    with sessions() as session:
+        assert backend_pid(session) == pid  # the pool's one connection, not a new one
+        assert session.connection().connection.dbapi_connection.autocommit is False
+        session.execute(text("INSERT INTO t VALUES (3)"))
+        session.rollback()  # undone: a transaction, not autocommit
+        assert session.scalars(text("SELECT n FROM t ORDER BY n")).all() == [1, 2]

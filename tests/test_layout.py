@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent / "djinn"
 
 # Lowest first. A module may import from its own layer and those before it.
 LAYERS = [
-    ("djinn.errors", "djinn.status", "djinn.paths", "djinn.periodic", "djinn.config", "djinn.crypto"),
+    ("djinn.errors", "djinn.status", "djinn.paths", "djinn.periodic", "djinn.timers", "djinn.config", "djinn.crypto"),
     ("djinn.manifest", "djinn.plan"),
     ("djinn.drivers",),
     ("djinn.runner",),

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import create_engine, event
 from waiting import wait_for
 
+from djinn.db import load
 from djinn.db.engine import sessions as make_sessions
 from djinn.db.engine import transaction
 from djinn.db.lease import claim
@@ -122,6 +123,11 @@ def _report(reporter, job, pieces, wait_written=None):
     reporter.build_finished(Status.FAILED)
 
 
+def _runs(statements):
+    """The statements sent, by their first two words; a PREPARE (once per connection) is not a run."""
+    return [" ".join(sql.split()[:2]) if sql != "COMMIT" else sql for sql in statements if not sql.startswith("PREPARE ")]
+
+
 def _rows(worker_env, build_id):
     job = worker_env.sql(
         "SELECT status, output, started_at IS NOT NULL, finished_at IS NOT NULL FROM build_jobs WHERE build_id = :id AND name = 'a.1'",
@@ -152,8 +158,55 @@ def test_a_short_builds_final_write_is_one_statement_with_the_rows_the_batched_p
     event.listen(engine, "before_cursor_execute", lambda conn, cursor, sql, *rest: statements.append(sql))
     with engine.begin() as conn:
         assert memory_reporter.finish(conn, Status.FAILED, other_lease)
-    assert len(statements) == 1 and "json_to_recordset" in statements[0]
+    assert _runs(statements) == ["EXECUTE djinn_finish_from_memory"]
     assert _rows(worker_env, other) == batched
     assert batched[0] == [("failed", "café one\ntwo\n", True, True)]
     assert batched[1] == [("failed", "café one\ntwo\n", None, True)]
 
+
+
+def test_a_short_builds_final_write_alone_is_one_round_trip_that_writes_nothing_once_the_lease_is_gone(worker_env, claimed):
+    build_id, lease, reporter, job, engine = claimed
+    other = worker_env.submit(MANIFEST)
+    with transaction(make_sessions(engine)) as session:
+        other_lease = claim(session, other, "w1")
+    ((other_job,),) = worker_env.sql("SELECT id FROM build_jobs WHERE build_id = :id AND name = 'a.1'", id=other)
+    held = DatabaseReporter(engine, other, {job.key: other_job})
+    for each in (reporter, held):
+        _report(each, job, [b"out\n"])
+
+    # Taken over by another worker (attempt 2): no row of the build changes, not even its jobs'.
+    worker_env.sql("UPDATE builds SET worker = 'w2', attempt = 2 WHERE id = :id", id=build_id)
+    before = _rows(worker_env, build_id)
+    assert reporter.finish_alone(Status.FAILED, lease) is False
+    assert _rows(worker_env, build_id) == before
+    assert before[0] == [("queued", None, False, False)]
+
+    # Held: one statement, no BEGIN or COMMIT around it, and every row written.
+    sent: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda conn, cursor, sql, *rest: sent.append(sql))
+    event.listen(engine, "commit", lambda conn: sent.append("COMMIT"))
+    assert held.finish_alone(Status.FAILED, other_lease) is True
+    assert _runs(sent) == ["EXECUTE djinn_finish_from_memory"]
+    assert _rows(worker_env, other) == ([("failed", "out\n", True, True)], [("failed", "out\n", None, True)])
+
+
+def test_the_hot_statements_are_prepared_once_per_connection(worker_env, claimed):
+    """PostgreSQL plans them once per connection: a later run is an EXECUTE alone, also after a rollback."""
+    build_id, lease, reporter, job, engine = claimed
+    with engine.connect() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        load.claim_queued(conn, build_id, "w1")  # the PREPARE, in a transaction that is rolled back
+        conn.rollback()
+        assert conn.exec_driver_sql("SELECT name FROM pg_prepared_statements").scalars().all() == ["djinn_claim_and_load"]
+        sent: list[str] = []
+        event.listen(conn, "before_cursor_execute", lambda c, cursor, sql, *rest: sent.append(sql))
+        for _ in range(3):
+            assert load.claim_queued(conn, build_id, "w1") is None  # claimed by the fixture: nothing to claim
+        assert [" ".join(sql.split()[:2]) for sql in sent] == ["EXECUTE djinn_claim_and_load"] * 3
+        assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() == pid
+    # A new connection prepares it again.
+    engine.dispose()
+    with engine.connect() as conn:
+        assert load.claim_queued(conn, build_id, "w1") is None
+        assert conn.exec_driver_sql("SELECT name FROM pg_prepared_statements").scalars().all() == ["djinn_claim_and_load"]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 from runner_support import SECRET_COMMANDS, SECRET_VALUE, assert_no_secret, runner_for
 
+from djinn.drivers import os as os_driver
 from djinn.drivers.os import OSDriver, _PidClock
+from djinn.drivers.removal import REMOVER
 from djinn.manifest import parse_manifest
 from djinn.plan import plan_build
 from djinn.runner.engine import Key, Runner, Variable
@@ -405,9 +408,52 @@ def test_the_tag_sweep_reads_only_processes_made_since_the_build_began():
         (400, 3000): ([30001, 32767, 300, 400], [30000, 401, 29000]),  # wrapped once
     }
     for (last, made), (read, skipped) in cases.items():
-        since = clock.since(_PidClock(last=last, made=clock.made + made, limit=32768))
-        assert since is not None
-        assert [pid for pid in read + skipped if since(pid)] == read
+        ranges = clock.made_since(_PidClock(last=last, made=clock.made + made, limit=32768))
+        assert ranges is not None
+        assert [pid for pid in read + skipped if any(pid in r for r in ranges)] == read
     # So many made that pids may have come round past the reading: every process is read.
-    assert clock.since(_PidClock(last=30500, made=clock.made + 20000, limit=32768)) is None
-    assert _PidClock(None, None, None).since(real) is None  # nothing known: nothing ruled out
+    assert clock.made_since(_PidClock(last=30500, made=clock.made + 20000, limit=32768)) is None
+    assert _PidClock(None, None, None).made_since(real) is None  # nothing known: nothing ruled out
+
+
+def test_the_tag_sweep_finds_a_tagged_process_however_many_pids_it_must_consider():
+    """Few pids made since the build began: each is looked up; many, or nothing known: /proc is listed."""
+    driver = OSDriver()
+    driver.create({}, bytearray().extend)
+    tagged = subprocess.Popen(["sleep", "60"], env=driver.env, start_new_session=True)
+    untagged = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        real = _PidClock.now()
+        assert sum(map(len, driver._born.made_since(real))) <= os_driver.DIRECT_LOOKUPS
+        many = _PidClock(last=1, made=real.made - 1, limit=real.limit)
+        assert sum(map(len, many.made_since(real))) > os_driver.DIRECT_LOOKUPS
+        for born in (driver._born, many, None):
+            driver._born = born
+            assert driver.tagged_processes() == [tagged.pid]
+    finally:
+        for proc in (tagged, untagged):
+            proc.kill()
+            proc.wait()
+        driver.destroy()
+
+
+def test_a_script_is_run_from_the_command_line_and_a_big_one_from_a_file():
+    """Small scripts need no file of their own; one too big for an argument still runs, from beside the workspace."""
+    driver = OSDriver()
+    out = bytearray()
+    try:
+        driver.create({"K": "v"}, out.extend)
+        assert driver.execute("small.1", b"#!/bin/sh\nexec 2>&1\necho \"$0 $K\"\nnope\n", out.extend) == 127
+        text = out.decode()
+        assert "small.1.sh v\n" in text and "small.1.sh: 4: nope: not found" in text  # no temporary path in the output
+        assert sorted(p.name for p in driver.root.iterdir()) == ["workspace"]  # no script, no marker file
+        big = "x" * 200_000
+        out.clear()
+        assert driver.execute("big.1", f"#!/bin/sh\nV='{big}'\necho ${{#V}} \"$0\"\n".encode(), out.extend) == 0
+        assert out.decode() == f"200000 {driver.root}/big.1.sh\n"
+        assert not (driver.root / "big.1.sh").exists()  # removed with its job
+        assert list(driver.workspace.iterdir()) == []  # never in the workspace
+        made = driver.root
+    finally:
+        driver.destroy()
+    assert REMOVER.drain(10) and not made.exists()

@@ -7,7 +7,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar, cast
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, CursorResult, Result
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -105,6 +105,25 @@ def _ping_when_idle(engine: Engine) -> None:
     event.listen(engine, "checkout", checkout)
 
 
+@contextmanager
+def autocommit(engine: Engine) -> Iterator[Connection]:
+    """A pooled connection in autocommit, for statements atomic by themselves (or a transaction of one's own).
+
+    SQLAlchemy's `isolation_level="AUTOCOMMIT"` costs a `SET default_transaction_isolation`
+    round trip when the connection goes back to the pool, on every build's claim and
+    final write; psycopg2's own autocommit switch sends nothing to the server.
+    """
+    with engine.connect() as conn:
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None  # a connection just checked out
+        dbapi.autocommit = True
+        try:
+            yield conn
+        finally:
+            if not dbapi.closed:  # a connection lost under the statement is discarded anyway
+                dbapi.autocommit = False
+
+
 def retry_on_disconnect(factory: sessionmaker[Session], work: Callable[[Session], T]) -> T:
     """Run `work` in a transaction; once more if the server closed the connection under it."""
     try:
@@ -128,8 +147,7 @@ def is_unavailable(exc: BaseException) -> bool:
 
 
 def retry_while_unavailable(
-    factory: sessionmaker[Session],
-    work: Callable[[Session], T],
+    call: Callable[[], T],
     *,
     patience: float,
     stop: Callable[[], bool] = lambda: False,
@@ -137,18 +155,18 @@ def retry_while_unavailable(
     first_delay: float = 0.2,
     max_delay: float = 2.0,
 ) -> T:
-    """Run `work` in a transaction, again and again with backoff while PostgreSQL is unreachable.
+    """Run `call` again and again with backoff while PostgreSQL is unreachable.
 
+    `call` opens its own connection or transaction (`in_transaction` makes one).
     Raises DatabaseUnavailable once `patience` seconds have passed, or as soon as
-    `stop()` is true, without having run `work` to its end; any other error at once.
+    `stop()` is true, without having run `call` to its end; any other error at once.
     """
     deadline = time.monotonic() + patience
     delay = first_delay
     failures = 0
     while True:
         try:
-            with transaction(factory) as session:
-                result = work(session)
+            result = call()
             if failures:
                 log.info("%s: PostgreSQL answered again after %d failed tries", what, failures)
             return result
@@ -183,6 +201,16 @@ def check_connection(engine: Engine) -> None:
 
 def sessions(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def in_transaction(factory: sessionmaker[Session], work: Callable[[Session], T]) -> Callable[[], T]:
+    """`work` as a call that runs it in a transaction of its own (for `retry_while_unavailable`)."""
+
+    def call() -> T:
+        with transaction(factory) as session:
+            return work(session)
+
+    return call
 
 
 @contextmanager

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from djinn.crypto import Cipher
 from djinn.db.lease import MAX_ATTEMPTS, Lease, claim
+from djinn.db.prepared import Prepared
 from djinn.errors import DjinnError
 from djinn.manifest import Passthrough
 from djinn.plan import BuildPlan, JobPlan, StagePlan
@@ -72,7 +73,9 @@ _COLUMNS = """
 """
 
 # lease.claim's one-statement case (a queued build with attempts left) with the read after it.
-CLAIM_AND_LOAD = text(
+CLAIM_AND_LOAD = Prepared(
+    "djinn_claim_and_load",
+    text(
     f"""
     WITH b AS (
       UPDATE builds SET status = 'running', worker = :worker, attempt = attempt + 1,
@@ -83,6 +86,7 @@ CLAIM_AND_LOAD = text(
     SELECT b.attempt, {_COLUMNS}
     FROM b LEFT JOIN build_drivers d ON d.build_id = b.id
     """
+    ),
 )
 
 LOAD = text(f"SELECT {_COLUMNS} FROM builds b LEFT JOIN build_drivers d ON d.build_id = b.id WHERE b.id = :id")
@@ -94,7 +98,9 @@ def claim_queued(conn: Connection | Session, build_id: int, worker: str) -> tupl
     One statement is atomic by itself, so on a connection in autocommit this is a
     single round trip. None when the build is anything else (see `claim_and_load`).
     """
-    row: RowMapping | None = conn.execute(CLAIM_AND_LOAD, {"id": build_id, "worker": worker, "max_attempts": MAX_ATTEMPTS}).mappings().first()
+    connection = conn.connection() if isinstance(conn, Session) else conn
+    params = {"id": build_id, "worker": worker, "max_attempts": MAX_ATTEMPTS}
+    row: RowMapping | None = CLAIM_AND_LOAD.execute(connection, params).mappings().first()
     return (Lease(build_id, worker, row["attempt"]), row) if row is not None else None
 
 

@@ -21,13 +21,16 @@ from sqlalchemy import Connection, Engine, Table, func, insert, select, text, up
 from sqlalchemy.orm import Session, sessionmaker
 
 from djinn.crypto import Hasher, hasher
+from djinn.db.engine import autocommit
 from djinn.db.lease import Lease, guard
 from djinn.db.models import Build, BuildArtifact, BuildJobOutput
+from djinn.db.prepared import Prepared
 from djinn.errors import DjinnError
 from djinn.plan import CREATE_DRIVER, JobPlan
 from djinn.runner.engine import Reporter
 from djinn.runner.store import FileStore, StoredArtifact
 from djinn.status import Status
+from djinn.timers import TIMERS, Timer
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +102,19 @@ FINISH_BUILD = text(
 
 # FINISH_BUILD for a build none of whose output was written yet (a short build: the
 # writer thread had nothing worth a transaction before the end): every job's final
-# row and the build's, from memory, in one statement. Like FINISH_BUILD it is only
-# kept when a row comes back; the caller rolls back otherwise.
-FINISH_FROM_MEMORY = text(
+# row and the build's, from memory, in one statement. Every write hangs on the
+# lease-checked UPDATE of the build (`held`), so when the lease is gone the statement
+# writes nothing: atomic by itself, it can run in autocommit, one round trip.
+FINISH_FROM_MEMORY = Prepared(
+    "djinn_finish_from_memory",
+    text(
     f"""
-    WITH jobs AS (
+    WITH held AS (
+      UPDATE builds SET status = :status, finished_at = now(), worker = NULL, output = :output
+      WHERE id = :id AND worker = :worker AND attempt = :attempt AND status = 'running'
+      RETURNING id
+    ),
+    jobs AS (
       SELECT * FROM json_to_recordset(CAST(:jobs AS json))
         AS j(id bigint, status text, started_at timestamptz, finished_at timestamptz, output text, ran boolean, finished boolean)
     ),
@@ -113,13 +124,12 @@ FINISH_FROM_MEMORY = text(
         started_at = COALESCE(j.started_at, b.started_at),
         finished_at = j.finished_at,
         output = CASE WHEN j.finished AND j.ran THEN j.output WHEN j.finished THEN COALESCE(b.output, '') ELSE b.output END
-      FROM jobs j WHERE b.id = j.id AND b.build_id = :id
+      FROM jobs j, held WHERE b.id = j.id AND b.build_id = held.id
     ),
-    placed AS (UPDATE build_objects SET placed = true WHERE build_id = :id AND :objects_placed)
-    UPDATE builds SET status = :status, finished_at = now(), worker = NULL, output = :output
-    WHERE id = :id AND worker = :worker AND attempt = :attempt AND status = 'running'
-    RETURNING pg_notify('{FINISHED_CHANNEL}', CAST(:id AS text))
+    placed AS (UPDATE build_objects o SET placed = true FROM held WHERE o.build_id = held.id AND :objects_placed)
+    SELECT pg_notify('{FINISHED_CHANNEL}', CAST(held.id AS text)) FROM held
     """
+    ),
 )
 
 
@@ -164,8 +174,10 @@ class DatabaseReporter(Reporter):
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._decoding: int | None = None
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._write_loop, name=f"recorder-{build_id}", daemon=True)
-        self._thread.start()
+        # Started when there is something to write and the build still runs URGENT_SECONDS later:
+        # a short build's reports all go into its final write, with no thread for them.
+        self._thread: threading.Thread | None = None
+        self._wake: Timer | None = None
 
     def _job_id(self, job: JobPlan) -> int:
         # Keyed by the plan's job objects themselves: two jobs may be equal in every field.
@@ -191,9 +203,13 @@ class DatabaseReporter(Reporter):
             else:
                 self._ops.append(["output", job_id, [chunk]])
             self._pending += len(chunk)
-            if len(self._ops) == 1 or self._pending >= FLUSH_BYTES:
-                self._cond.notify_all()  # the writer starts its FLUSH_SECONDS, or writes now
-            while self._pending > MAX_PENDING and self._thread.is_alive():
+            if self._pending >= FLUSH_BYTES:
+                self._start_writer()  # enough to write now
+                self._cond.notify_all()
+            elif len(self._ops) == 1:
+                self._wake_writer()
+                self._cond.notify_all()  # the writer starts its FLUSH_SECONDS
+            while self._pending > MAX_PENDING and self._thread is not None and self._thread.is_alive():
                 self._cond.wait(1)
 
     def job_finished(self, job: JobPlan, status: Status, ran: bool) -> None:
@@ -209,8 +225,12 @@ class DatabaseReporter(Reporter):
         with self._cond:
             self._end_decoding()
             self._stopping = True
+            if self._wake is not None:
+                self._wake.cancel()
+            thread = self._thread
             self._cond.notify_all()
-        self._thread.join()
+        if thread is not None:
+            thread.join()
 
     def finish(self, conn: Connection, status: Status, lease: Lease) -> bool:
         """The build's final write, in the caller's transaction, if `lease` still holds the build.
@@ -221,10 +241,9 @@ class DatabaseReporter(Reporter):
         """
         # Nothing here changes the reporter, so a caller may run it again in a new
         # transaction when the first one failed (a lost connection).
-        if not self.sizes:
-            from_memory = self._from_memory(status, lease)
-            if from_memory is not None:
-                return conn.execute(FINISH_FROM_MEMORY, from_memory).first() is not None
+        from_memory = self._from_memory(status, lease)
+        if from_memory is not None:
+            return FINISH_FROM_MEMORY.execute(conn, from_memory).first() is not None
         sizes = self._write_ops(conn, self._ops)
         params = {
             "id": self.build_id,
@@ -236,11 +255,26 @@ class DatabaseReporter(Reporter):
         }
         return conn.execute(FINISH_BUILD, params).first() is not None
 
+    def finish_alone(self, status: Status, lease: Lease) -> bool | None:
+        """`finish` as one statement in autocommit, when the reports all fit in it; None when they do not.
+
+        A short build's final write is then one round trip instead of three (BEGIN,
+        the statement, COMMIT). Like `finish`, it may be run again after a failure.
+        """
+        from_memory = self._from_memory(status, lease)
+        if from_memory is None:
+            return None
+        with autocommit(self.engine) as conn:
+            return FINISH_FROM_MEMORY.execute(conn, from_memory).first() is not None
+
     def _from_memory(self, status: Status, lease: Lease) -> dict[str, Any] | None:
-        """FINISH_FROM_MEMORY's parameters from the reports still queued; None when they are too big for it.
+        """FINISH_FROM_MEMORY's parameters from the reports still queued; None when they are too big
+        for it, or when part of the output is written already.
 
         The jobs' rows change as UPDATE_JOB would change them for the same reports.
         """
+        if self.sizes:
+            return None
         jobs: dict[int, dict[str, Any]] = {}
         chunks: dict[int, list[str]] = {}
         output: list[str] = []
@@ -274,8 +308,20 @@ class DatabaseReporter(Reporter):
 
     # -- the writer thread ------------------------------------------------------
 
+    def _wake_writer(self) -> None:
+        """Have the writer started URGENT_SECONDS from now, the soonest it writes anything (under _cond)."""
+        if self._thread is None and self._wake is None:
+            self._wake = TIMERS.call_later(URGENT_SECONDS, self._start_writer)
+
+    def _start_writer(self) -> None:
+        with self._cond:
+            if self._thread is None and not self._stopping:
+                self._thread = threading.Thread(target=self._write_loop, name=f"recorder-{self.build_id}", daemon=True)
+                self._thread.start()
+
     def _queue(self, op: list[Any], urgent: bool = False) -> None:
         with self._cond:
+            self._wake_writer()
             self._ops.append(op)
             if urgent and self._urgent_at is None:
                 self._urgent_at = time.monotonic()

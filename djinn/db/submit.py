@@ -14,25 +14,25 @@ import secrets
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
-from sqlalchemy import JSON, bindparam, delete, func, insert, select, text
+from sqlalchemy import JSON, bindparam, delete, insert, select, text
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from djinn.config import queue_for_driver
 from djinn.crypto import Cipher, Hasher, hasher
-from djinn.db.engine import transaction
+from djinn.db.engine import autocommit, transaction
 from djinn.db.models import (
     Build,
     BuildArtifact,
-    BuildKey,
     BuildObject,
-    BuildVariable,
     Namespace,
     Object,
     User,
 )
+from djinn.db.prepared import Prepared
 from djinn.errors import DjinnError
 from djinn.manifest import Manifest, parse_manifest
-from djinn.plan import plan_build
+from djinn.plan import SETUP_STAGE_PREFIX, plan_build
 from djinn.runner.engine import Key, Variable
 
 #: Owners `submit` creates without an address get one in this reserved domain (the
@@ -135,22 +135,6 @@ def _namespace(session: Session, user: User, path: str) -> Namespace:
     return namespace
 
 
-# The owner's stored variables and keys the build gets, as the server picks them: the
-# owner's own outside any namespace, and every one of the build's namespace.
-STORED_VARIABLES = text(
-    """
-    SELECT id, key, value, COALESCE(masked, false) AS masked FROM variables
-    WHERE (user_id = :user_id AND namespace_id IS NULL) OR namespace_id = :namespace_id ORDER BY id
-    """
-)
-STORED_KEYS = text(
-    """
-    SELECT id, name, key, config FROM keys
-    WHERE (user_id = :user_id AND namespace_id IS NULL) OR namespace_id = :namespace_id ORDER BY id
-    """
-)
-
-
 def create_build(
     session: Session,
     manifest: Manifest,
@@ -162,10 +146,7 @@ def create_build(
     trigger: Trigger | None = None,
 ) -> Submitted:
     """Write the build and everything it needs, in `session`'s transaction (queueing it is the caller's)."""
-    variables = [Variable(k, v) for k, v in manifest.env] + list(variables)
-    keys = list(keys)
-    if cipher is None and (keys or any(v.masked for v in variables)):
-        raise SubmitError("masked variables and keys are stored encrypted: add a crypto { block, salt } block to the worker config")
+    variables, keys = _given(manifest, variables, keys, cipher)
 
     namespace = _namespace(session, user, manifest.namespace) if manifest.namespace else None
     owner_id = namespace.user_id if namespace else user.id
@@ -190,23 +171,78 @@ def create_build(
     owner = user if owner_id == user.id else session.scalar(select(User).where(User.id == owner_id).with_for_update())
     if owner is None:
         raise SubmitError(f"namespace owner {owner_id} does not exist")
-    number = (session.scalar(select(func.max(Build.number)).where(Build.user_id == owner.id)) or 0) + 1
-    stored = session.execute(STORED_VARIABLES, {"user_id": owner.id, "namespace_id": namespace.id if namespace else None}).all()
-    stored_keys = session.execute(STORED_KEYS, {"user_id": owner.id, "namespace_id": namespace.id if namespace else None}).all()
     return _insert_rows(
-        session, manifest, owner, number, namespace, objects, variables, keys, cipher, trigger or Trigger(), stored, stored_keys
+        session.connection(), manifest, owner.id, namespace.id if namespace else None, objects, variables, keys, cipher, trigger or Trigger()
     )
 
 
-# The build and the rows every build has, in one round trip. Stages and jobs arrive
-# as arrays; their ids are drawn in array order (so stages run, and `job_ids` comes
-# back, in that order) and a job names its stage by position.
-INSERT_BUILD = text(
+def _given(
+    manifest: Manifest, variables: Iterable[Variable], keys: Iterable[Key], cipher: Cipher | None
+) -> tuple[list[Variable], list[Key]]:
+    """The build's own variables (the manifest's, then the caller's) and keys; refused when they need a cipher and there is none."""
+    variables = [Variable(k, v) for k, v in manifest.env] + list(variables)
+    keys = list(keys)
+    if cipher is None and (keys or any(v.masked for v in variables)):
+        raise SubmitError("masked variables and keys are stored encrypted: add a crypto { block, salt } block to the worker config")
+    return variables, keys
+
+
+# The common submission (an existing user's build outside any namespace, with no
+# objects) needs no ORM session: BEGIN and the owner's row lock go in one round trip,
+# then INSERT_BUILD (a statement of its own, so its snapshot follows the lock), then COMMIT.
+LOCK_USER = "BEGIN; SELECT id, email FROM users WHERE username = %(username)s FOR UPDATE"
+
+
+def _submit_common(
+    engine: Engine,
+    manifest: Manifest,
+    username: str,
+    email: str | None,
+    variables: Iterable[Variable],
+    keys: Iterable[Key],
+    cipher: Cipher | None,
+    trigger: Trigger | None,
+) -> Submitted | None:
+    """The common case in three round trips; None, having written nothing, when it is not that case."""
+    if manifest.namespace or manifest.objects:
+        return None
+    own_variables, own_keys = _given(manifest, variables, keys, cipher)
+    with autocommit(engine) as conn:
+        try:
+            user = conn.exec_driver_sql(LOCK_USER, {"username": username}).first()
+            if user is None or (email and user.email != email):  # a new user, or a new address: the ORM's
+                conn.exec_driver_sql("ROLLBACK")
+                return None
+            submitted = _insert_rows(conn, manifest, user.id, None, [], own_variables, own_keys, cipher, trigger or Trigger())
+            conn.exec_driver_sql("COMMIT")
+            return submitted
+        except BaseException:
+            # The transaction is ours, not SQLAlchemy's: it must not go back to the pool open.
+            try:
+                conn.exec_driver_sql("ROLLBACK")
+            except Exception:
+                conn.invalidate()
+            raise
+
+
+# The build and the rows every build has, in one round trip. The number is the
+# owner's next: the owner's row is locked by an earlier statement, so this one's
+# snapshot sees every build numbered before. The setup stage's name holds the number
+# (the first stage name is NULL: the statement names it). Stages and jobs arrive as
+# arrays; their ids are drawn in array order (so stages run, and `job_ids` comes
+# back, in that order) and a job names its stage by position. Variables and keys are
+# the owner's stored ones (the owner's own outside any namespace, and every one of
+# the build's namespace, as the server picks them; copied as stored, masked ones stay
+# encrypted), then the given ones, in that order.
+INSERT_BUILD = Prepared(
+    "djinn_insert_build",
+    text(
     """
     WITH b AS (
       INSERT INTO builds (user_id, namespace_id, number, manifest, status, secret)
-      VALUES (:user_id, :namespace_id, :number, :manifest, 'queued', :secret)
-      RETURNING id
+      VALUES (:user_id, :namespace_id,
+        (SELECT COALESCE(max(number), 0) + 1 FROM builds WHERE user_id = :user_id), :manifest, 'queued', :secret)
+      RETURNING id, number
     ), driver AS (
       INSERT INTO build_drivers (build_id, type, config)
       SELECT id, CAST(:driver_type AS driver_type), CAST(:driver_config AS json) FROM b
@@ -218,7 +254,7 @@ INSERT_BUILD = text(
       FROM unnest(CAST(:stage_names AS text[]), CAST(:stage_can_fail AS boolean[])) WITH ORDINALITY AS s(name, can_fail, n)
     ), stages AS (
       INSERT INTO build_stages (id, build_id, name, can_fail)
-      SELECT stage_rows.id, b.id, stage_rows.name, stage_rows.can_fail FROM b, stage_rows
+      SELECT stage_rows.id, b.id, COALESCE(stage_rows.name, :setup_prefix || b.number), stage_rows.can_fail FROM b, stage_rows
     ), job_rows AS MATERIALIZED (
       SELECT nextval(pg_get_serial_sequence('build_jobs', 'id')) AS id, j.*
       FROM unnest(CAST(:job_stages AS integer[]), CAST(:job_names AS text[]), CAST(:job_commands AS text[]))
@@ -227,10 +263,31 @@ INSERT_BUILD = text(
       INSERT INTO build_jobs (id, build_id, stage_id, name, commands, status)
       SELECT job_rows.id, b.id, stage_rows.id, job_rows.name, job_rows.commands, CAST('queued' AS status)
       FROM b, job_rows JOIN stage_rows ON stage_rows.n = job_rows.stage
+    ), build_vars AS (
+      INSERT INTO build_variables (build_id, variable_id, key, value, masked)
+      SELECT b.id, v.variable_id, v.key, v.value, v.masked FROM b, (
+        SELECT 0 AS part, id AS n, id AS variable_id, key, value, COALESCE(masked, false) AS masked FROM variables
+        WHERE (user_id = :user_id AND namespace_id IS NULL) OR namespace_id = :namespace_id
+        UNION ALL
+        SELECT 1, g.n, NULL, g.key, g.value, g.masked
+        FROM unnest(CAST(:var_keys AS text[]), CAST(:var_values AS text[]), CAST(:var_masked AS boolean[]))
+          WITH ORDINALITY AS g(key, value, masked, n)
+      ) v ORDER BY v.part, v.n
+    ), build_keys_rows AS (
+      INSERT INTO build_keys (build_id, key_id, name, key, config, location)
+      SELECT b.id, k.key_id, k.name, k.key, k.config, '/root/.ssh/' || k.name FROM b, (
+        SELECT 0 AS part, id AS n, id AS key_id, name, key, config FROM keys
+        WHERE (user_id = :user_id AND namespace_id IS NULL) OR namespace_id = :namespace_id
+        UNION ALL
+        SELECT 1, g.n, NULL, g.name, g.key, g.config
+        FROM unnest(CAST(:key_names AS text[]), CAST(:key_keys AS bytea[]), CAST(:key_configs AS text[]))
+          WITH ORDINALITY AS g(name, key, config, n)
+      ) k ORDER BY k.part, k.n
     )
-    SELECT b.id, ARRAY(SELECT id FROM job_rows ORDER BY n) AS job_ids FROM b
+    SELECT b.id, b.number, ARRAY(SELECT id FROM job_rows ORDER BY n) AS job_ids FROM b
     """
-).bindparams(bindparam("driver_config", type_=JSON), bindparam("trigger_data", type_=JSON))
+    ).bindparams(bindparam("driver_config", type_=JSON), bindparam("trigger_data", type_=JSON)),
+)
 
 
 def _sealing(cipher: Cipher | None) -> Cipher:
@@ -241,31 +298,27 @@ def _sealing(cipher: Cipher | None) -> Cipher:
 
 
 def _insert_rows(
-    session: Session,
+    conn: Connection,
     manifest: Manifest,
-    user: User,
-    number: int,
-    namespace: Namespace | None,
+    owner_id: int,
+    namespace_id: int | None,
     objects: list[tuple[Any, int]],
     variables: list[Variable],
     keys: list[Key],
     cipher: Cipher | None,
     trigger: Trigger,
-    stored: Iterable[Any] = (),
-    stored_keys: Iterable[Any] = (),
 ) -> Submitted:
     """The server's rows for a build: INSERT_BUILD, then one multi-row INSERT per optional table."""
-    stages = plan_build(manifest, number).stages
+    stages = plan_build(manifest).stages  # the setup stage is named by INSERT_BUILD, which knows the number
     jobs = [(n, job) for n, stage in enumerate(stages, start=1) for job in stage.jobs]
     driver = dict(manifest.driver)
     if manifest.driver_type == "qemu":
         driver.setdefault("arch", "x86_64")  # the server records the arch it queues qemu builds by
-    row = session.execute(
-        INSERT_BUILD,
+    row = INSERT_BUILD.execute(
+        conn,
         {
-            "user_id": user.id,
-            "namespace_id": namespace.id if namespace else None,
-            "number": number,
+            "user_id": owner_id,
+            "namespace_id": namespace_id,
             "manifest": manifest.text,
             "secret": secrets.token_hex(16),
             "driver_type": manifest.driver_type,
@@ -275,57 +328,33 @@ def _insert_rows(
             "trigger_data": trigger.data or {},
             "provider_id": trigger.provider_id,
             "repo_id": trigger.repo_id,
-            "stage_names": [s.name for s in stages],
+            "setup_prefix": SETUP_STAGE_PREFIX,
+            "stage_names": [None if n == 0 else s.name for n, s in enumerate(stages)],  # the setup stage comes first
             "stage_can_fail": [s.can_fail for s in stages],
             "job_stages": [n for n, _ in jobs],
             "job_names": [job.name for _, job in jobs],
             "job_commands": ["\n".join(job.commands) for _, job in jobs],
+            "var_keys": [v.key for v in variables],
+            "var_values": [_sealing(cipher).encrypt_text(v.value) if v.masked else v.value for v in variables],
+            "var_masked": [v.masked for v in variables],
+            "key_names": [k.name for k in keys],
+            "key_keys": [_sealing(cipher).encrypt(k.key.encode()) for k in keys],
+            "key_configs": [k.config for k in keys],
         },
     ).one()
-    build_id, job_ids = row.id, row.job_ids
-    # Stored variables are copied as stored (masked ones stay encrypted), then the manifest's and the caller's.
-    rows = [{"build_id": build_id, "variable_id": v.id, "key": v.key, "value": v.value, "masked": v.masked} for v in stored]
-    rows += [
-        {
-            "build_id": build_id,
-            "variable_id": None,
-            "key": v.key,
-            "value": _sealing(cipher).encrypt_text(v.value) if v.masked else v.value,
-            "masked": v.masked,
-        }
-        for v in variables
-    ]
-    if rows:
-        session.execute(insert(BuildVariable), rows)
-    rows = [
-        {"build_id": build_id, "key_id": k.id, "name": k.name, "key": k.key, "config": k.config, "location": f"/root/.ssh/{k.name}"}
-        for k in stored_keys
-    ]
-    rows += [
-        {
-            "build_id": build_id,
-            "key_id": None,
-            "name": k.name,
-            "key": _sealing(cipher).encrypt(k.key.encode()),
-            "config": k.config,
-            "location": f"/root/.ssh/{k.name}",
-        }
-        for k in keys
-    ]
-    if rows:
-        session.execute(insert(BuildKey), rows)
+    build_id, number, job_ids = row.id, row.number, row.job_ids
     # As the server writes them: name = the object's name, source = where it goes in the build.
     rows = [
         {"build_id": build_id, "object_id": object_id, "name": o.source, "source": o.destination, "placed": False}
         for o, object_id in objects
     ]
     if rows:
-        session.execute(insert(BuildObject), rows)
+        conn.execute(insert(BuildObject), rows)
 
     hashes: Hasher = hasher(cipher.settings if cipher is not None else None)
     rows = [
         {
-            "user_id": user.id,
+            "user_id": owner_id,
             "build_id": build_id,
             "job_id": job_id,
             "hash": hashes.hash_now(),
@@ -336,7 +365,7 @@ def _insert_rows(
         for artifact in job.artifacts
     ]
     if rows:
-        session.execute(insert(BuildArtifact), rows)
+        conn.execute(insert(BuildArtifact), rows)
     return Submitted(build_id, number, queue_for(manifest.driver_type, driver))
 
 
@@ -355,9 +384,15 @@ def submit(
 ) -> Submitted:
     """Validate, write and queue a build. Invalid input raises before anything is written."""
     manifest = parse_manifest(manifest_text, manifest_path)
-    with transaction(sessions) as session:
-        user = get_or_create_user(session, username, email)
-        submitted = create_build(session, manifest, user, variables=variables, keys=keys, cipher=cipher, trigger=trigger)
+    variables, keys = list(variables), list(keys)  # read twice when the common case does not apply
+    engine = sessions.kw.get("bind")
+    submitted = (
+        _submit_common(engine, manifest, username, email, variables, keys, cipher, trigger) if isinstance(engine, Engine) else None
+    )
+    if submitted is None:
+        with transaction(sessions) as session:
+            user = get_or_create_user(session, username, email)
+            submitted = create_build(session, manifest, user, variables=variables, keys=keys, cipher=cipher, trigger=trigger)
     try:
         enqueue(submitted.id, submitted.queue)
     except Exception as exc:

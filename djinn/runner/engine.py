@@ -8,7 +8,6 @@ streamed chunk by chunk; the runner never holds a whole job's output.
 from __future__ import annotations
 
 import io
-import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -21,6 +20,7 @@ from djinn.runner.control import RunControl, Stop
 from djinn.runner.output import Masker, job_script
 from djinn.runner.store import ArtifactStore, ObjectStore, StoredArtifact
 from djinn.status import Status
+from djinn.timers import TIMERS
 
 DEFAULT_TIMEOUT = 30 * 60
 CREATE_TIMEOUT = 5 * 60
@@ -111,9 +111,7 @@ class Runner:
         jobs = [(job, stage.can_fail) for stage in self.plan.stages for job in stage.jobs]
         results: list[Status] = []
         self.reporter.build_started()
-        timer = threading.Timer(self.timeout, self.control.stop, args=(Stop.TIMED_OUT,))
-        timer.daemon = True
-        timer.start()
+        timer = TIMERS.call_later(self.timeout, lambda: self.control.stop(Stop.TIMED_OUT), blocking=True)
         try:
             results.append(self._create(jobs[0][0]))
             for i, (job, can_fail) in enumerate(jobs[1:], 1):
@@ -153,9 +151,7 @@ class Runner:
             self._create_expired = True
             self.driver.cancel()
 
-        timer = threading.Timer(self.create_timeout, expire)
-        timer.daemon = True
-        timer.start()
+        timer = TIMERS.call_later(self.create_timeout, expire, blocking=True)
         status = Status.PASSED
         cause = DRIVER
         try:

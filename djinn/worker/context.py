@@ -8,8 +8,8 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -17,7 +17,12 @@ from djinn.config import DriverConfig, WorkerConfig, load_driver_config, load_wo
 from djinn.crypto import Cipher
 from djinn.db.engine import make_engine, sessions
 from djinn.runner.store import FileStore
-from djinn.worker.queue import config_paths, make_app
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+# Celery is imported where it is used: the operator commands (status, logs, kill)
+# need a context but no Celery app, and importing it cost them a seventh of their time.
 
 
 @dataclass
@@ -77,6 +82,8 @@ class WorkerContext:
 
     @cached_property
     def app(self) -> Celery:
+        from djinn.worker.queue import make_app  # Celery: only where an app is wanted (see above)
+
         return make_app(self.config)
 
     def close(self) -> None:
@@ -97,5 +104,7 @@ def current() -> WorkerContext:
     global _current
     with _lock:
         if _current is None or _current[0] != os.getpid():
+            from djinn.worker.queue import config_paths  # with Celery: a worker process has it loaded already
+
             _current = (os.getpid(), WorkerContext.from_files(*config_paths()))
         return _current[1]

@@ -23,12 +23,11 @@ import time
 from typing import BinaryIO, Callable
 
 from sqlalchemy import RowMapping
-from sqlalchemy.orm import Session
 
 from djinn import notify
 from djinn.crypto import hasher
 from djinn.db import load
-from djinn.db.engine import DatabaseUnavailable, is_unavailable, retry_while_unavailable, transaction
+from djinn.db.engine import DatabaseUnavailable, autocommit, in_transaction, is_unavailable, retry_while_unavailable, transaction
 from djinn.db.lease import Lease, abandon, beat, finished_by
 from djinn.db.models import Build
 from djinn.db.recorder import BuildArtifacts, DatabaseReporter
@@ -41,6 +40,7 @@ from djinn.runner.control import RunControl, Stop
 from djinn.runner.engine import Runner
 from djinn.runner.store import FileStore, StoreError
 from djinn.status import Status
+from djinn.timers import TIMERS, Timer
 from djinn.worker import shutdown
 from djinn.worker.context import WorkerContext
 from djinn.worker.kill import KillListener
@@ -52,8 +52,6 @@ log = logging.getLogger(__name__)
 MIN_CLAIM_PATIENCE = 10.0
 #: The final write waits at least this long (and at least 10 orphan_timeouts) for PostgreSQL.
 FINAL_WRITE_PATIENCE = 600.0
-#: How often the fence watch looks at the clock: a frozen run stops this soon after it resumes.
-WATCH_SECONDS = 0.2
 #: How soon a beat that failed is tried again.
 BEAT_RETRY_SECONDS = 0.5
 
@@ -79,12 +77,13 @@ class BuildObjects:
 class Heartbeat:
     """Keeps the lease fresh, and fences the run the moment the lease may be gone.
 
-    Two threads: one beats (a database call may block for seconds), one watches
-    the monotonic clock every WATCH_SECONDS, so that a run stops within a fraction
-    of a second of its lease becoming doubtful, also right after the whole process
-    tree was frozen and resumed. Once the build's jobs are over (`finishing`), the
-    clock no longer fences: the beats go on and the final write checks the lease
-    in the database itself.
+    The beats run on a thread of the build's own (a database call may block for
+    seconds), started when the first beat is due: a build shorter than one interval
+    never starts it. The watch is a timer (djinn.timers) set for when the lease
+    would become doubtful, `fence_after` past the last beat that landed, so a run
+    stops on time, also right after the whole process tree was frozen and resumed.
+    Once the build's jobs are over (`finishing`), the clock no longer fences: the
+    beats go on and the final write checks the lease in the database itself.
     """
 
     def __init__(self, ctx: WorkerContext, lease: Lease, claimed_at: float, on_fenced: Callable[[], None]) -> None:
@@ -101,22 +100,25 @@ class Heartbeat:
         self._finishing = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        name = f"build-{lease.build_id}"
-        self._threads = [
-            threading.Thread(target=self._beat_loop, name=f"heartbeat-{name}", daemon=True),
-            threading.Thread(target=self._watch_loop, name=f"fence-{name}", daemon=True),
-        ]
+        self._beats: threading.Thread | None = None
+        self._first_beat: Timer | None = None
+        self._watch_timer: Timer | None = None
 
     def start(self) -> "Heartbeat":
-        for thread in self._threads:
-            thread.start()
+        with self._lock:
+            self._first_beat = TIMERS.call_at(self._last_ok + self.interval, self._start_beats)
+            self._watch_timer = TIMERS.call_at(self._last_ok + self.fence_after, self._watch)
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        for thread in self._threads:
-            if thread.is_alive() and thread is not threading.current_thread():
-                thread.join(10)
+        with self._lock:
+            for timer in (self._first_beat, self._watch_timer):
+                if timer is not None:
+                    timer.cancel()
+            beats = self._beats
+        if beats is not None and beats.is_alive() and beats is not threading.current_thread():
+            beats.join(10)
 
     def finishing(self) -> None:
         """No job runs any more: from now on only a beat that matched no row ends the lease."""
@@ -138,15 +140,25 @@ class Heartbeat:
         log.error("build %s: %s; stopping this run and writing nothing more", self.lease.build_id, reason)
         self.on_fenced()
 
-    def _watch_loop(self) -> None:
-        while not self._stop.wait(WATCH_SECONDS):
-            with self._lock:
-                silent = time.monotonic() - self._last_ok
-                if self.fenced or self._finishing:
-                    continue
-            if silent >= self.fence_after:
-                self._fence(f"no heartbeat landed for {silent:.1f}s, the lease may be taken over")
+    def _start_beats(self) -> None:
+        with self._lock:
+            if self._stop.is_set():
                 return
+            self._beats = threading.Thread(target=self._beat_loop, name=f"heartbeat-build-{self.lease.build_id}", daemon=True)
+            self._beats.start()
+
+    def _watch(self) -> None:
+        """On the timers thread: fence when no beat landed for `fence_after`, else look again when that could be."""
+        with self._lock:
+            if self._stop.is_set() or self.fenced or self._finishing:
+                return
+            silent = time.monotonic() - self._last_ok
+            if silent < self.fence_after:
+                self._watch_timer = TIMERS.call_at(self._last_ok + self.fence_after, self._watch)
+                return
+        # Fencing stops the driver, which may take a while: not on the timers thread.
+        reason = f"no heartbeat landed for {silent:.1f}s, the lease may be taken over"
+        threading.Thread(target=self._fence, args=(reason,), name=f"fence-build-{self.lease.build_id}", daemon=True).start()
 
     def _beat_loop(self) -> None:
         next_at = self._last_ok + self.interval
@@ -192,16 +204,18 @@ def _run_build(ctx: WorkerContext, build_id: int, run: RunControl) -> Status | N
 
     sent_at = [0.0]
 
-    def claim(session: Session) -> tuple[Lease, RowMapping] | None:
+    def claim() -> tuple[Lease, RowMapping] | None:
         sent_at[0] = time.monotonic()  # the claim sets the heartbeat: the lease's clock starts no later
-        # The common case in autocommit, one round trip; anything else in the session's transaction.
-        with ctx.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        # The common case in autocommit, one round trip; anything else in a transaction.
+        with autocommit(ctx.engine) as conn:
             claimed = load.claim_queued(conn, build_id, ctx.name)
-        return claimed if claimed is not None else load.claim_and_load(session, build_id, ctx.name)
+        if claimed is not None:
+            return claimed
+        with transaction(ctx.sessions) as session:
+            return load.claim_and_load(session, build_id, ctx.name)
 
     try:
         claimed = retry_while_unavailable(
-            ctx.sessions,
             claim,
             patience=max(MIN_CLAIM_PATIENCE, ctx.config.orphan_timeout.total_seconds()),
             stop=lambda: run.requested(Stop.HANDED_BACK),
@@ -331,11 +345,16 @@ def _final_write(
     failures = 0
     while True:
         try:
-            with transaction(ctx.sessions) as session:
-                if not reporter.finish(session.connection(), status, lease):
-                    raise _NotHeld()  # rolls the transaction back
-                if events is not None:
-                    notify.record_build_finished(events, session, lease.build_id)
+            # Without notifications to record with it, a short build's write is one statement on its own.
+            alone = reporter.finish_alone(status, lease) if events is None else None
+            if alone is False:
+                raise _NotHeld()
+            if alone is None:
+                with transaction(ctx.sessions) as session:
+                    if not reporter.finish(session.connection(), status, lease):
+                        raise _NotHeld()  # rolls the transaction back
+                    if events is not None:
+                        notify.record_build_finished(events, session, lease.build_id)
             if failures:
                 log.info("build %s: final write landed after %d failed tries", lease.build_id, failures)
             return True
@@ -363,7 +382,9 @@ def _landed_before(ctx: WorkerContext, lease: Lease, status: Status) -> bool:
     """Whether an earlier try of the final write committed though its COMMIT was not confirmed."""
     try:
         return retry_while_unavailable(
-            ctx.sessions, lambda session: finished_by(session, lease, status), patience=30.0, what=f"build {lease.build_id}: final write"
+            in_transaction(ctx.sessions, lambda session: finished_by(session, lease, status)),
+            patience=30.0,
+            what=f"build {lease.build_id}: final write",
         )
     except DatabaseUnavailable:
         return False
