@@ -19,27 +19,42 @@ import pytest
 # one process, one at a time. Everything else owns its servers and may run beside them.
 DOCKER_ENGINE = "docker-engine"
 DOCKER_ENGINE_MODULES = {"test_docker_driver", "test_drivers_worker", "test_djinn_server", "test_metrics", "test_shutdown"}
-# Held by each test of the group while it runs: should the scheduler ever spread the
+# Tests that boot VMs take turns too: on two cores one VM boots in seconds, while two or
+# three booting beside the rest of the suite take minutes and run into the tests' timeouts.
+QEMU_VMS = "qemu-vms"
+GROUPS = (DOCKER_ENGINE, QEMU_VMS)
+# Held by each test of a group while it runs: should the scheduler ever spread a
 # group (pytest-xdist's loadgroup once did, silently, under a newer pytest), its tests
-# still take turns on the engine instead of sweeping each other's containers.
-DOCKER_ENGINE_LOCK = Path(tempfile.gettempdir()) / "djinn-tests-docker-engine.lock"
+# still take turns instead of sweeping each other's containers or starving each other's VMs.
+GROUP_LOCKS = {group: Path(tempfile.gettempdir()) / f"djinn-tests-{group}.lock" for group in GROUPS}
+
+
+def group_of(item) -> str | None:
+    fixtures = getattr(item, "fixturenames", ())
+    if "docker_api" in fixtures:
+        return DOCKER_ENGINE
+    if "qemu_image" in fixtures:  # a qemu worker's sweep leaves Docker alone: its VMs are what it shares
+        return QEMU_VMS
+    return DOCKER_ENGINE if item.module.__name__ in DOCKER_ENGINE_MODULES else None
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the group
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
-        if "docker_api" in getattr(item, "fixturenames", ()) or item.module.__name__ in DOCKER_ENGINE_MODULES:
-            item.add_marker(pytest.mark.xdist_group(DOCKER_ENGINE))
+        group = group_of(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)
-def _docker_engine_turn(request) -> Iterator[None]:
+def _group_turn(request) -> Iterator[None]:
     """An autouse fixture is set up first and torn down last: the turn covers the test's workers."""
     marker = request.node.get_closest_marker("xdist_group")
-    if marker is None or DOCKER_ENGINE not in marker.args:
+    group = next((g for g in GROUPS if marker is not None and g in marker.args), None)
+    if group is None:
         yield
         return
-    with open(DOCKER_ENGINE_LOCK, "a") as lock:
+    with open(GROUP_LOCKS[group], "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

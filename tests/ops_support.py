@@ -21,12 +21,17 @@ def wait_job_running(env, build_id: int, job: str = "a.1", timeout: float = 30.0
     wait_for(lambda: job_status(env, build_id, job) == "running", timeout, f"job {job} of build {build_id} to run")
 
 
-def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
-    """The exit status of a worker that must stop by itself within `timeout` seconds."""
+def wait_exit(proc: subprocess.Popen, timeout: float, env=None) -> int:
+    """The exit status of a worker that must stop by itself within `timeout` seconds.
+
+    With the test's WorkerEnv, a worker still running then is shown: its log's tail
+    and every thread's stack, so a failure says where it waits.
+    """
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"worker {proc.pid} still running {timeout}s after being asked to stop") from None
+        shown = f"; worker log:\n{env.log_tail()}\nstacks:\n{env.stacks()}" if env is not None else ""
+        raise AssertionError(f"worker {proc.pid} still running {timeout}s after being asked to stop{shown}") from None
 
 
 def main_signal(proc: subprocess.Popen, sig: int) -> None:

@@ -71,8 +71,9 @@ class PostgresServer:
         self.stop()
         self.start()
 
-    def create_database(self, name: str) -> None:
-        self._run(self.bin / "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
+    def create_database(self, name: str, template: str | None = None) -> None:
+        copy = ["-T", template] if template else []
+        self._run(self.bin / "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", *copy, name)
 
     def url(self, name: str) -> str:
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"

@@ -6,21 +6,13 @@ import threading
 import time
 
 import redis
+from ops_support import wait_job_running
 
 from djinn.config import RedisSettings
 from djinn.worker.kill import _Hub, channel_build_id
 
 SLEEPY = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo started', 'sleep 60']}\n"
 QUICK = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo quick']}\n"
-
-
-def wait_job_running(env, build_id: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(j["name"] == "a.1" and j["status"] == "running" for j in env.status(build_id)["jobs"]):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"job a.1 of build {build_id} never ran; log:\n{env.log_tail()}")
 
 
 def wait_log(env, text: str, count: int = 1, timeout: float = 30) -> None:
@@ -77,7 +69,7 @@ def test_queued_build_killed_never_runs_and_is_mailed_once(worker_env, smtp_serv
 
     app = Celery(broker=worker_env.redis.url)
     app.send_task("djinn.send_failure_mail", args=[build_id], queue="builds_os")
-    wait_log(worker_env, "nothing to do: already sent")
+    wait_log(worker_env, f"build {build_id}: failure mail: nothing to do: already sent")
     assert len(smtp.messages) == 1
 
 

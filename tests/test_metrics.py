@@ -16,6 +16,8 @@ from ops_support import health, http_get, main_signal, scrape, value, wait_exit,
 from services import free_port
 from worker_support import WORKER
 
+from djinn.observe import logs
+
 DASHBOARD = Path(__file__).resolve().parent.parent / "dist" / "grafana" / "djinn-workers.json"
 
 PASSING = """
@@ -241,7 +243,7 @@ def test_handed_back_build_counted_as_such(worker_env):
         15,
         "the hand-back to be counted",
     )
-    assert wait_exit(proc, 30) == 0
+    assert wait_exit(proc, 30, worker_env) == 0
 
 
 def test_celery_command_serves_metrics_too(worker_env):
@@ -298,6 +300,20 @@ def test_log_lines_are_structured_with_build_and_job(worker_env):
     assert (kill["build"], kill["job"]) == (str(build_id), "a.1")
     # Lines of the main process about no build carry no build.
     assert all("build" not in f for f in lines if f["msg"].endswith(" ready."))
+    # At info, one line at the claim and one at the end per build: not Celery's per task as well.
+    assert not [f for f in lines if f["logger"] in logs.PER_TASK_LOGGERS]
+
+
+def test_celery_lines_per_task_at_debug(worker_env):
+    log = worker_env.root / "worker.log"
+    worker_env.config.write_text(worker_env.config.read_text().replace(f'log info "{log}"', f'log debug "{log}"'))
+    worker_env.start_worker()
+    build_id = worker_env.submit(PASSING)
+    assert worker_env.wait_status(build_id)["status"] == "passed"
+    wait_for(lambda: " succeeded in " in log.read_text(), 10, "Celery's line for the finished task")
+    lines = [_parse(line) for line in log.read_text().splitlines()]
+    assert {f["logger"] for f in lines if f["level"] == "info"} >= set(logs.PER_TASK_LOGGERS)
+    assert any(f["msg"].endswith(" received") for f in lines if f["logger"] == "celery.worker.strategy")
 
 
 def test_log_level_from_config(worker_env):
@@ -311,7 +327,7 @@ def test_log_level_from_config(worker_env):
     worker_env.processes.append(proc)
     assert worker_env.wait_status(worker_env.submit(PASSING), timeout=60)["status"] == "passed"
     main_signal(proc, signal.SIGTERM)
-    assert wait_exit(proc, 30) == 0
+    assert wait_exit(proc, 30, worker_env) == 0
     lines = [_parse(line) for line in log.read_text().splitlines()]
     assert any("graceful shutdown" in f["msg"] and f["level"] == "warning" for f in lines)
     assert not [f for f in lines if f["level"] in ("debug", "info")]

@@ -7,7 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from worker_support import WORKER
+from ops_support import wait_job_running
+from worker_support import WORKER, WorkerEnv
 
 PASSING = """
 namespace: team/app
@@ -98,22 +99,12 @@ jobs:
 """
 
 
-def _wait_job_running(env, build_id, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = env.status(build_id)
-        if any(j["name"] == "a.1" and j["status"] == "running" for j in info["jobs"]):
-            return info
-        time.sleep(0.1)
-    raise AssertionError(f"job a.1 of build {build_id} never ran; log:\n{env.log_tail()}")
-
-
 def test_kill_with_secret_and_wrong_secret_ignored(worker_env, redis_server):
     import redis
 
     worker_env.start_worker()
     build_id = worker_env.submit(SLEEPY)
-    _wait_job_running(worker_env, build_id)
+    wait_job_running(worker_env, build_id)
     client = redis.Redis(host="127.0.0.1", port=redis_server.port)
     assert client.publish(f"kill-{build_id}", "not-the-secret") == 1
     time.sleep(1.5)
@@ -136,10 +127,23 @@ def test_kill_with_secret_and_wrong_secret_ignored(worker_env, redis_server):
 def test_kill_command(worker_env):
     worker_env.start_worker()
     build_id = worker_env.submit(SLEEPY)
-    _wait_job_running(worker_env, build_id)
+    wait_job_running(worker_env, build_id)
     res = worker_env.cli("kill", str(build_id))
     assert res.stdout == f"kill sent to build {build_id}\n"
     assert worker_env.wait_status(build_id, timeout=10)["status"] == "killed"
+
+
+def test_sigusr2_writes_every_stack_and_the_build_goes_on(worker_env):
+    """An operator looks into a stuck build with `kill -USR2`: stacks on standard error, nothing stops."""
+    proc = worker_env.start_worker()
+    build_id = worker_env.submit(SLEEPY)
+    wait_job_running(worker_env, build_id)
+    stacks = worker_env.stacks()
+    assert stacks.count("Current thread") >= 2, stacks  # the main process and the build's pool process at least
+    assert "djinn/worker/execute.py" in stacks and "celery/worker/worker.py" in stacks, stacks
+    worker_env.cli("kill", str(build_id))
+    assert worker_env.wait_status(build_id, timeout=10)["status"] == "killed"
+    assert proc.poll() is None
 
 
 def test_timeout_gives_timed_out(worker_env):
@@ -256,7 +260,7 @@ def test_build_abandoned_after_three_attempts(worker_env):
         while worker_env.sql("SELECT attempt FROM builds WHERE id = :id", id=build_id)[0][0] < attempt + 1:
             assert time.monotonic() < deadline, worker_env.log_tail()
             time.sleep(0.2)
-        _wait_job_running(worker_env, build_id)
+        wait_job_running(worker_env, build_id)
         worker_env.kill_group(proc)
     worker_env.start_worker(name="last")
     info = worker_env.wait_status(build_id, timeout=60)
@@ -271,7 +275,7 @@ def test_redis_restart_during_build(worker_env, redis_server):
     build_id = worker_env.submit(
         "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo one', 'sleep 4', 'echo two']}\n"
     )
-    _wait_job_running(worker_env, build_id)
+    wait_job_running(worker_env, build_id)
     redis_server.restart()
     info = worker_env.wait_status(build_id, timeout=60)
     assert info["status"] == "passed", worker_env.log_tail()
@@ -290,9 +294,13 @@ def test_postgres_restart_between_builds(worker_env, postgres):
     assert worker_env.wait_status(worker_env.submit(manifest), timeout=60)["status"] == "passed", worker_env.log_tail()
 
 
-def test_migrate_is_idempotent(worker_env):
-    res = worker_env.cli("migrate")
-    assert "schema is up to date" in res.stdout
+def test_migrate_from_nothing_then_idempotent(postgres, redis_server, tmp_path):
+    postgres.create_database(name := f"djinn_empty_{time.monotonic_ns()}")
+    env = WorkerEnv(tmp_path, postgres, redis_server, name)
+    env.write_config()
+    assert "schema upgraded from nothing to " in env.cli("migrate").stdout
+    assert "schema is up to date" in env.cli("migrate").stdout
+    assert env.sql("SELECT count(*) FROM builds") == [(0,)]
 
 
 def test_worker_refuses_to_start_without_services(worker_env, tmp_path):

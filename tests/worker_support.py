@@ -12,10 +12,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from services import PostgresServer, RedisServer
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
 
 BIN = os.path.dirname(sys.executable)
 WORKER = shutil.which("djinn-worker", path=BIN) or "djinn-worker"
@@ -39,6 +43,20 @@ def redis_server():
     server.close()
 
 
+def _python_pids_in_group(pgid: int) -> list[int]:
+    """The Python processes of a worker's process group (not its builds' shells or VMs)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) == pgid and "python" in os.readlink(entry / "exe"):
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
 @dataclass
 class WorkerEnv:
     """One test's worker setup: its own database, Redis, stores and config files."""
@@ -48,6 +66,7 @@ class WorkerEnv:
     redis: RedisServer
     database: str
     processes: list[subprocess.Popen] = field(default_factory=list)
+    _engine: Any = field(default=None, repr=False)
 
     @property
     def config(self) -> Path:
@@ -128,15 +147,59 @@ store objects {{
         return json.loads(self.cli("status", str(build_id), "-json").stdout)
 
     def wait_status(self, build_id: int, statuses: tuple[str, ...] | None = None, timeout: float = 60) -> dict:
-        """Poll until the build reaches one of `statuses` (default: any finished status)."""
+        """Wait until the build reaches one of `statuses` (default: any finished status); its `status -json`.
+
+        The waiting reads the build's row directly: a `status` command costs a
+        second and more of CPU, and polling with it would starve the worker under
+        test on a small machine. The command runs once, for what is returned.
+        """
         statuses = statuses or ("passed", "passed_with_failures", "failed", "killed", "timed_out")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            info = self.status(build_id)
-            if info["status"] in statuses:
-                return info
-            time.sleep(0.2)
-        raise AssertionError(f"build {build_id} still {info['status']} after {timeout}s; worker log:\n{self.log_tail()}")
+            if self.build_status(build_id) in statuses:
+                info = self.status(build_id)
+                if info["status"] in statuses:
+                    return info
+            if self.processes and all(proc.poll() is not None for proc in self.processes):
+                raise AssertionError(
+                    f"build {build_id} still {self.build_status(build_id)} and no worker runs any more "
+                    f"(exit {[proc.returncode for proc in self.processes]}); worker log:\n{self.log_tail()}"
+                )
+            time.sleep(0.1)
+        jobs = self.sql("SELECT name, status FROM build_jobs WHERE build_id = :id ORDER BY id", id=build_id)
+        raise AssertionError(
+            f"build {build_id} still {self.build_status(build_id)} after {timeout}s; jobs: {[tuple(j) for j in jobs]}"
+            f"\nworker log:\n{self.log_tail()}\nstacks:\n{self.stacks()}"
+        )
+
+    def build_status(self, build_id: int) -> str | None:
+        """The build's status as stored now; None while PostgreSQL cannot be reached (a test may restart it)."""
+        try:
+            rows = self.sql("SELECT status FROM builds WHERE id = :id", id=build_id)
+        except OperationalError:
+            return None
+        return str(rows[0][0]) if rows else None
+
+    def stacks(self) -> str:
+        """Every thread's stack in each Python process of the running workers (SIGUSR2, djinn.observe.logs)."""
+        outs = sorted(self.root.glob("*.out"))
+        sizes = {path: path.stat().st_size for path in outs}
+        asked = 0
+        for proc in self.processes:
+            if proc.poll() is not None:
+                continue
+            for pid in _python_pids_in_group(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGUSR2)
+                    asked += 1
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 5
+        written = lambda: sum(path.read_bytes()[sizes[path]:].count(b"most recent call first") for path in outs)  # noqa: E731
+        while time.monotonic() < deadline and written() < asked:
+            time.sleep(0.1)
+        time.sleep(0.3)  # a process's later threads follow its first one
+        return "\n".join(path.read_bytes()[sizes[path]:].decode(errors="replace") for path in outs) or "(none written)"
 
     def log_tail(self, n: int = 60) -> str:
         path = self.root / "worker.log"
@@ -194,21 +257,35 @@ store objects {{
                     proc.wait(10)
 
     def sql(self, query: str, **params):
-        engine = create_engine(self.url)
-        try:
-            with engine.begin() as conn:
-                result = conn.execute(text(query), params)
-                return result.all() if result.returns_rows else None
-        finally:
-            engine.dispose()
+        """One statement in its own connection (none is kept: a test may restart PostgreSQL between two)."""
+        if self._engine is None:
+            self._engine = create_engine(self.url, poolclass=NullPool)
+        with self._engine.begin() as conn:
+            result = conn.execute(text(query), params)
+            return result.all() if result.returns_rows else None
+
+
+@pytest.fixture(scope="session")
+def migrated_template(postgres, tmp_path_factory) -> str:
+    """A database `djinn-worker migrate` made once: each test's database is a copy (CREATE DATABASE ... TEMPLATE).
+
+    Copying takes milliseconds where migrating takes seconds of CPU; the tests of
+    `migrate` itself run it on databases of their own.
+    """
+    name = f"djinn_template_{os.getpid()}"
+    postgres.create_database(name)
+    no_redis = SimpleNamespace(addr="127.0.0.1:1")  # `migrate` reads the config's Redis address, never connects
+    env = WorkerEnv(tmp_path_factory.mktemp("template"), postgres, no_redis, name)
+    env.write_config()
+    env.cli("migrate")
+    return name
 
 
 @pytest.fixture
-def worker_env(tmp_path, postgres, redis_server):
+def worker_env(tmp_path, postgres, redis_server, migrated_template):
     database = f"djinn_test_{os.getpid()}_{next(_databases)}"
-    postgres.create_database(database)
+    postgres.create_database(database, template=migrated_template)
     env = WorkerEnv(tmp_path, postgres, redis_server, database)
     env.write_config()
-    env.cli("migrate")
     yield env
     env.stop_all()

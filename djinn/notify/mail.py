@@ -331,7 +331,6 @@ def deliver_failure_mail(ctx: NotifyContext, build_id: int, link_host: str | Non
             log.exception("build %s: failure mail", build_id)
         _release(ctx, build_id, exc)
         raise
-    log.info("build %s: failure mail sent to %s", build_id, ", ".join(to))
     return f"sent to {', '.join(to)}"
 
 

@@ -161,7 +161,6 @@ def set_commit_status(ctx: NotifyContext, build_id: int) -> str:
             marker.state = status.value
             marker.sent_at = func.now()
             marker.error = None
-            log.info("build %s: %s commit status %s set", build_id, provider.name, request.body["state"])
             return f"{provider.name} status {request.body['state']} set"
         if response.retryable:
             raise StatusRetry(f"{provider.name} status for build {build_id}: {response.describe()}")

@@ -33,6 +33,12 @@ MAIL_BACKOFF_MAX = 15
 MAIL_MAX_RETRIES = 3000
 
 
+def _outcome(what: str, result: str) -> str:
+    """Say what a notification task did: Celery's own line per task is left to the debug level (djinn.observe.logs)."""
+    log.info("%s: %s", what, result)
+    return result
+
+
 class FailureMailTask(Task):
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Retries exhausted (only retried errors get here as such): record it, so nothing waits for it."""
@@ -56,7 +62,7 @@ class FailureMailTask(Task):
 )
 def send_failure_mail(build_id: int, host: str | None = None) -> str:
     """Send a failed build's mail, once (djinn.notify.mail); `host` overrides the config's for the link."""
-    return mail.deliver_failure_mail(context.current(), int(build_id), host)
+    return _outcome(f"build {build_id}: failure mail", mail.deliver_failure_mail(context.current(), int(build_id), host))
 
 
 @shared_task(
@@ -71,7 +77,7 @@ def send_failure_mail(build_id: int, host: str | None = None) -> str:
 )
 def send_admin_mail(subject: str, body: str) -> str:
     """Tell the operator (`smtp.admin`) about an unexpected worker error."""
-    return mail.send_admin_mail(context.current(), subject, body)
+    return _outcome("admin mail", mail.send_admin_mail(context.current(), subject, body))
 
 
 @shared_task(
@@ -86,7 +92,7 @@ def send_admin_mail(subject: str, body: str) -> str:
 )
 def set_commit_status(build_id: int) -> str:
     """Post a pull-request build's current status to GitHub or GitLab."""
-    return statuses.set_commit_status(context.current(), int(build_id))
+    return _outcome(f"build {build_id}: commit status", statuses.set_commit_status(context.current(), int(build_id)))
 
 
 @shared_task(
@@ -102,9 +108,8 @@ def set_commit_status(build_id: int) -> str:
 )
 def deliver_webhook(self: Any, webhook_id: int, event: str, event_id: str, body: str) -> str:
     """POST one build event to one namespace webhook, recording the attempt."""
-    return webhooks.deliver(
-        context.current(), int(webhook_id), event, event_id, body, redelivery=self.request.retries > 0
-    )
+    result = webhooks.deliver(context.current(), int(webhook_id), event, event_id, body, redelivery=self.request.retries > 0)
+    return _outcome(f"webhook {webhook_id} {event}", result)
 
 
 _sweeper = None
