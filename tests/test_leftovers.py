@@ -19,7 +19,7 @@ from waiting import wait_for
 
 from djinn.drivers import BuildIdentity, leftovers, qemu
 from djinn.drivers import os as os_driver
-from djinn.drivers.removal import REMOVER
+from djinn.drivers.scratch import SCRATCH
 
 LONG = "driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo started', 'sleep 120']}\n"
 
@@ -206,7 +206,7 @@ def test_os_driver_marks_its_build_directory(tmp_path, monkeypatch):
         assert os_driver.sweep(root=str(tmp_path)) == []  # its owner (this process) is alive
     finally:
         driver.destroy()
-    assert REMOVER.drain(30)  # removed behind the build (djinn.drivers.removal)
+    assert SCRATCH.drain(30)  # removed behind the build (djinn.drivers.scratch)
     assert list(tmp_path.iterdir()) == []
 
 

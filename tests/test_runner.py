@@ -13,7 +13,7 @@ from runner_support import SECRET_COMMANDS, SECRET_VALUE, assert_no_secret, runn
 
 from djinn.drivers import os as os_driver
 from djinn.drivers.os import OSDriver, _PidClock
-from djinn.drivers.removal import REMOVER
+from djinn.drivers.scratch import SCRATCH
 from djinn.manifest import parse_manifest
 from djinn.plan import plan_build
 from djinn.runner.engine import Key, Runner, Variable
@@ -456,4 +456,4 @@ def test_a_script_is_run_from_the_command_line_and_a_big_one_from_a_file():
         made = driver.root
     finally:
         driver.destroy()
-    assert REMOVER.drain(10) and not made.exists()
+    assert SCRATCH.drain(10) and not made.exists()

@@ -121,6 +121,24 @@ def make_owned_dir(prefix: str, build: BuildIdentity, root: str | None = None) -
             continue
 
 
+def rename_owned_dir(directory: Path, prefix: str, build: BuildIdentity) -> Path | None:
+    """`directory` (made by `make_owned_dir` in this process, under any prefix) renamed to `prefix` and `build`.
+
+    The owner in the name stays; None, with nothing changed, when the directory
+    is gone or its name is not one `make_owned_dir` gives.
+    """
+    found = _OWNED_NAME.search(directory.name)
+    if found is None or found.end() != len(directory.name):
+        return None
+    build_id = build.build_id if build.build_id.isdigit() else "0"
+    target = directory.with_name(f"{prefix}{build_id}{directory.name[found.end(1):]}")
+    try:
+        directory.rename(target)
+    except OSError:
+        return None
+    return target
+
+
 def name_owner(prefix: str, name: str) -> dict[str, Any] | None:
     """The owner `make_owned_dir` put in a directory's name, with a tag (a hash) for its host."""
     found = _OWNED_NAME.fullmatch(name[len(prefix):]) if name.startswith(prefix) else None

@@ -22,6 +22,7 @@ import select
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -31,12 +32,14 @@ from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 from djinn.config.settings import OSSettings
 from djinn.drivers import leftovers
 from djinn.drivers.base import BuildIdentity, Driver, Output, inline_script
-from djinn.drivers.removal import REMOVER
+from djinn.drivers.scratch import SCRATCH
 from djinn.errors import DriverError
 from djinn.paths import resolve_inside
 
-#: Build directories are <tmp>/djinn-build-*, their owner in their name (djinn.drivers.leftovers).
+#: Build directories are <tmp>/djinn-build-*, their owner in their name (djinn.drivers.leftovers);
+#: one made ahead for the next build is <tmp>/djinn-spare-* (djinn.drivers.scratch).
 DIR_PREFIX = "djinn-build-"
+SPARE_PREFIX = "djinn-spare-"
 READ_SIZE = 1 << 20
 # After a job's shell exits, how long its leftover children may keep the output pipe open.
 DRAIN_SECONDS = 2.0
@@ -76,8 +79,12 @@ class OSDriver(Driver):
         self._born = _PidClock.now()
         # The build's own directory, its owner in its name (no marker file to write), and in it
         # the workspace: what a job puts in `..` stays private to the build and goes with it.
-        self.root = leftovers.make_owned_dir(DIR_PREFIX, self.identity)
-        (self.root / "workspace").mkdir()
+        # Made ahead, while the build before ran, when this process ran one (djinn.drivers.scratch).
+        tmp = tempfile.gettempdir()
+        spare = SCRATCH.take((SPARE_PREFIX, tmp), lambda: _build_dir(SPARE_PREFIX, BuildIdentity(), tmp))
+        self.root = leftovers.rename_owned_dir(spare, DIR_PREFIX, self.identity) if spare is not None else None
+        if self.root is None:
+            self.root = _build_dir(DIR_PREFIX, self.identity, tmp)
         base = {k: os.environ[k] for k in INHERITED if k in os.environ}
         base.setdefault("PATH", os.defpath)
         self.env = {**base, "HOME": str(self.workspace), **env, TAG_VARIABLE: self.tag}
@@ -226,8 +233,14 @@ class OSDriver(Driver):
     def destroy(self) -> None:
         self.cancel()  # nothing of the build runs any more: its directory can go in the background
         if self.root is not None:
-            REMOVER.remove(self.root)
+            SCRATCH.remove(self.root)
             self.root = None
+
+
+def _build_dir(prefix: str, build: BuildIdentity, tmp: str) -> Path:
+    root = leftovers.make_owned_dir(prefix, build, tmp)
+    (root / "workspace").mkdir()
+    return root
 
 
 def _read_int(path: str, prefix: bytes = b"") -> int | None:
@@ -293,7 +306,7 @@ def sweep(root: str | None = None) -> list[str]:
     A worker calls it at start-up; a directory whose owner process is alive is
     never touched (djinn.drivers.leftovers).
     """
-    return leftovers.sweep(DIR_PREFIX, "build directory", root)
+    return leftovers.sweep(DIR_PREFIX, "build directory", root) + leftovers.sweep(SPARE_PREFIX, "spare build directory", root)
 
 
 DRIVER = OSDriver

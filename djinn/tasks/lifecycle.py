@@ -7,7 +7,7 @@
 - worker_process_init (each pool process): its SIGTERM will hand its build
   back (djinn.worker.shutdown);
 - worker_process_shutdown (each pool process, as it exits): the build
-  directories it handed to be removed are gone first (djinn.drivers.removal);
+  directories it handed to be removed are gone first (djinn.drivers.scratch);
 - worker_ready: start-up sweep, the reaper, the consumer of the Djinn server's
   curlyq queue (djinn.worker.curlyq), and the main process's signals (first
   SIGTERM/SIGINT drains, the second hands builds back, SIGHUP reopens);
@@ -31,7 +31,7 @@ from celery.signals import (
     worker_shutting_down,
 )
 
-from djinn.drivers.removal import REMOVER
+from djinn.drivers.scratch import SCRATCH
 from djinn.observe import logs, metrics
 from djinn.worker import context, shutdown
 from djinn.worker.curlyq import start_for_worker
@@ -72,7 +72,7 @@ def on_worker_process_init(**_: Any) -> None:
 @worker_process_shutdown.connect
 def on_worker_process_shutdown(**_: Any) -> None:
     # A pool process ends with os._exit: atexit handlers do not run there.
-    if not REMOVER.drain(30):
+    if not SCRATCH.drain(30):
         log.warning("build directories still being removed at exit; the next start-up sweep removes them")
 
 
