@@ -8,7 +8,7 @@ tags it `orphaned` and queues it again, at most MAX_ATTEMPTS times in all.
 The guarantees, and what each rests on:
 - one run at a time: a claim only takes a `queued` build, in one UPDATE, so any
   number of messages for one build (re-deliveries, reconciliation) start it once;
-- a run that may have lost its lease stops itself (fencing, djinn.worker.execute): after
+- a run that may have lost its lease stops itself (fencing, `Heartbeat`): after
   a beat that matched no row, or after `fence_after` (5/8 of orphan_timeout, on
   the monotonic clock, so a frozen process counts the freeze) without a beat
   that landed. That is 1/8 of orphan_timeout before the reaper may call the
@@ -20,18 +20,27 @@ The guarantees, and what each rests on:
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import threading
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 from sqlalchemy import ColumnElement, Connection, delete, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from djinn.db.engine import rowcount
+from djinn.db.engine import rowcount, transaction
 from djinn.db.models import Build, BuildArtifact, BuildJob, BuildJobOutput, BuildObject, BuildTag
 from djinn.runner.store import FileStore
 from djinn.status import Status
+from djinn.timers import TIMERS, Timer
+
+log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 ORPHANED_TAG = "orphaned"
+#: How soon a beat that failed is tried again.
+BEAT_RETRY_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -203,3 +212,125 @@ def orphans(session: Session, stale_after: dt.timedelta, limit: int = 50) -> lis
             .with_for_update(skip_locked=True)
         )
     )
+
+
+class Heartbeat:
+    """Keeps the lease fresh, and fences the run the moment the lease may be gone.
+
+    The beats run on a thread of the build's own (a database call may block for
+    seconds), started when the first beat is due: a build shorter than one interval
+    never starts it. The watch is a timer (djinn.timers) set for when the lease
+    would become doubtful, `fence_after` past the last beat that landed, so a run
+    stops on time, also right after the whole process tree was frozen and resumed.
+    Once the build's jobs are over (`finishing`), the clock no longer fences: the
+    beats go on and the final write checks the lease in the database itself.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        lease: Lease,
+        claimed_at: float,
+        on_fenced: Callable[[], None],
+        *,
+        interval: float,
+        fence_after: float,
+    ) -> None:
+        self.sessions = sessions
+        self.lease = lease
+        self.on_fenced = on_fenced
+        self.interval = interval
+        self.fence_after = fence_after
+        #: The run was stopped because its lease was lost or doubtful.
+        self.fenced = False
+        #: A beat matched no row: the build was taken over (or our final write landed).
+        self.gone = False
+        self._last_ok = claimed_at  # monotonic time just before the last beat (or the claim) that landed was sent
+        self._finishing = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._beats: threading.Thread | None = None
+        self._first_beat: Timer | None = None
+        self._watch_timer: Timer | None = None
+
+    def start(self) -> "Heartbeat":
+        with self._lock:
+            self._first_beat = TIMERS.call_at(self._last_ok + self.interval, self._start_beats)
+            self._watch_timer = TIMERS.call_at(self._last_ok + self.fence_after, self._watch)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            for timer in (self._first_beat, self._watch_timer):
+                if timer is not None:
+                    timer.cancel()
+            beats = self._beats
+        if beats is not None and beats.is_alive() and beats is not threading.current_thread():
+            beats.join(10)
+
+    def finishing(self) -> None:
+        """No job runs any more: from now on only a beat that matched no row ends the lease."""
+        with self._lock:
+            self._finishing = True
+
+    def valid(self) -> bool:
+        """Whether this run may still write: not fenced, and a beat landed within `fence_after`."""
+        with self._lock:
+            if self.fenced or self.gone:
+                return False
+            return self._finishing or time.monotonic() - self._last_ok < self.fence_after
+
+    def _fence(self, reason: str) -> None:
+        with self._lock:
+            if self.fenced or self._finishing:
+                return
+            self.fenced = True
+        log.error("build %s: %s; stopping this run and writing nothing more", self.lease.build_id, reason)
+        self.on_fenced()
+
+    def _start_beats(self) -> None:
+        with self._lock:
+            if self._stop.is_set():
+                return
+            self._beats = threading.Thread(target=self._beat_loop, name=f"heartbeat-build-{self.lease.build_id}", daemon=True)
+            self._beats.start()
+
+    def _watch(self) -> None:
+        """On the timers thread: fence when no beat landed for `fence_after`, else look again when that could be."""
+        with self._lock:
+            if self._stop.is_set() or self.fenced or self._finishing:
+                return
+            silent = time.monotonic() - self._last_ok
+            if silent < self.fence_after:
+                self._watch_timer = TIMERS.call_at(self._last_ok + self.fence_after, self._watch)
+                return
+        # Fencing stops the driver, which may take a while: not on the timers thread.
+        reason = f"no heartbeat landed for {silent:.1f}s, the lease may be taken over"
+        threading.Thread(target=self._fence, args=(reason,), name=f"fence-build-{self.lease.build_id}", daemon=True).start()
+
+    def _beat_loop(self) -> None:
+        next_at = self._last_ok + self.interval
+        failures = 0
+        while not self._stop.wait(max(next_at - time.monotonic(), 0.0)):
+            if self.fenced:
+                return
+            sent = time.monotonic()
+            try:
+                with transaction(self.sessions) as session:
+                    alive = beat(session, self.lease)
+            except Exception as exc:  # PostgreSQL away: try again soon; the watch fences if it lasts
+                failures += 1
+                if failures == 1 or failures % 10 == 0:
+                    log.warning("build %s: heartbeat failed (%s); trying again", self.lease.build_id, exc)
+                next_at = time.monotonic() + min(BEAT_RETRY_SECONDS, self.interval)
+                continue
+            if not alive:
+                with self._lock:
+                    self.gone = True
+                self._fence("lease lost: another worker took the build over")
+                return
+            failures = 0
+            with self._lock:
+                self._last_ok = max(self._last_ok, sent)
+            next_at = sent + self.interval

@@ -46,7 +46,6 @@ from djinn.errors import DatabaseError, DjinnError, DriverError
 from djinn.observe import logs
 from djinn.plan import CREATE_DRIVER, JobPlan
 from djinn.runner.engine import DRIVER, SCRIPT, SYSTEM, Reporter
-from djinn.runner.store import StoredArtifact
 from djinn.status import Status
 
 #: What /healthz asks: whether the worker's services answer, and each one's result.
@@ -164,44 +163,27 @@ def _broker_messages() -> tuple[str, ...]:
     return tuple(getattr(consumer, name) for name in ("CONNECTION_RETRY", "CONNECTION_ERROR") if hasattr(consumer, name))
 
 
-class ObservingReporter(Reporter):
-    """Passes everything on to `inner`; times jobs for the metrics and names the job in log lines."""
+class JobMetrics(Reporter):
+    """Times a build's jobs for the metrics and names the running job in log lines (beside its other reporters)."""
 
-    def __init__(self, inner: Reporter, build_id: int, driver: str) -> None:
-        self.inner = inner
+    def __init__(self, build_id: int, driver: str) -> None:
         self.build_id = build_id
         self.driver = driver
         self._started: dict[tuple[str, str], float] = {}
 
-    def build_started(self) -> None:
-        self.inner.build_started()
-
     def job_started(self, job: JobPlan) -> None:
         self._started[job.key] = time.monotonic()
         logs.set_job(self.build_id, job.name)
-        self.inner.job_started(job)
-
-    def job_output(self, job: JobPlan, data: bytes) -> None:
-        self.inner.job_output(job, data)
 
     def job_finished(self, job: JobPlan, status: Status, ran: bool) -> None:
-        try:
-            self.inner.job_finished(job, status, ran)
-        finally:
-            started = self._started.pop(job.key, None)
-            if ran and started is not None:
-                seconds = time.monotonic() - started
-                if job.name == CREATE_DRIVER:
-                    emit("driver_created", driver=self.driver, status=str(status), seconds=seconds)
-                else:
-                    emit("job_finished", driver=self.driver, status=str(status), seconds=seconds)
-            logs.set_job(self.build_id, None)
-
-    def artifact_stored(self, job: JobPlan, source: str, artifact: StoredArtifact) -> None:
-        self.inner.artifact_stored(job, source, artifact)
-
-    def build_finished(self, status: Status) -> None:
-        self.inner.build_finished(status)
+        started = self._started.pop(job.key, None)
+        if ran and started is not None:
+            seconds = time.monotonic() - started
+            if job.name == CREATE_DRIVER:
+                emit("driver_created", driver=self.driver, status=str(status), seconds=seconds)
+            else:
+                emit("job_finished", driver=self.driver, status=str(status), seconds=seconds)
+        logs.set_job(self.build_id, None)
 
 
 def parse_address(value: str) -> tuple[str, int]:

@@ -64,6 +64,50 @@ class Reporter:
     def build_finished(self, status: Status) -> None: ...
 
 
+class Reporters(Reporter):
+    """Several reporters told of one run, side by side (the build's rows, its metrics).
+
+    Starts go to them in order and ends in reverse, so each sees its own start
+    and end nested inside those of the ones before it; every one hears of an end
+    even when one before it raised, and the first error is raised after.
+    """
+
+    def __init__(self, *reporters: Reporter) -> None:
+        self.reporters = reporters
+
+    def build_started(self) -> None:
+        for reporter in self.reporters:
+            reporter.build_started()
+
+    def job_started(self, job: JobPlan) -> None:
+        for reporter in self.reporters:
+            reporter.job_started(job)
+
+    def job_output(self, job: JobPlan, data: bytes) -> None:
+        for reporter in self.reporters:
+            reporter.job_output(job, data)
+
+    def artifact_stored(self, job: JobPlan, source: str, artifact: StoredArtifact) -> None:
+        for reporter in self.reporters:
+            reporter.artifact_stored(job, source, artifact)
+
+    def job_finished(self, job: JobPlan, status: Status, ran: bool) -> None:
+        self._ending(lambda reporter: reporter.job_finished(job, status, ran))
+
+    def build_finished(self, status: Status) -> None:
+        self._ending(lambda reporter: reporter.build_finished(status))
+
+    def _ending(self, tell: Callable[[Reporter], None]) -> None:
+        error: BaseException | None = None
+        for reporter in reversed(self.reporters):
+            try:
+                tell(reporter)
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+
+
 class Runner:
     """Runs one build once; its RunControl (or `cancel`, from any thread) stops it."""
 

@@ -121,3 +121,17 @@ class FileStore:
 
     def remove(self, user_id: int, hash: str) -> None:
         self.path(user_id, hash).unlink(missing_ok=True)
+
+
+class BuildObjects:
+    """The runner's ObjectStore for one build: the objects its rows name, from the object store."""
+
+    def __init__(self, files: FileStore, objects: dict[str, tuple[int, str]]) -> None:
+        self.files = files
+        self.objects = objects
+
+    def open(self, name: str) -> BinaryIO:
+        if name not in self.objects:
+            raise StoreError(f"object {name!r} no longer exists")
+        user_id, hash_ = self.objects[name]
+        return self.files.open(user_id, hash_)

@@ -18,9 +18,7 @@ Under faults (djinn.db.lease has the guarantees):
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from typing import BinaryIO, Callable
 
 from sqlalchemy import RowMapping
 
@@ -28,7 +26,7 @@ from djinn import notify
 from djinn.crypto import hasher
 from djinn.db import load
 from djinn.db.engine import DatabaseUnavailable, autocommit, in_transaction, is_unavailable, retry_while_unavailable, transaction
-from djinn.db.lease import Lease, abandon, beat, finished_by
+from djinn.db.lease import Heartbeat, Lease, abandon, finished_by
 from djinn.db.models import Build
 from djinn.db.recorder import BuildArtifacts, DatabaseReporter
 from djinn.drivers import BuildIdentity, make_driver
@@ -37,10 +35,9 @@ from djinn.errors import DjinnError
 from djinn.observe import logs, metrics
 from djinn.runner import control
 from djinn.runner.control import RunControl, Stop
-from djinn.runner.engine import Runner
-from djinn.runner.store import FileStore, StoreError
+from djinn.runner.engine import Reporters, Runner
+from djinn.runner.store import BuildObjects
 from djinn.status import Status
-from djinn.timers import TIMERS, Timer
 from djinn.worker import shutdown
 from djinn.worker.context import WorkerContext
 from djinn.worker.kill import KillListener
@@ -52,139 +49,10 @@ log = logging.getLogger(__name__)
 MIN_CLAIM_PATIENCE = 10.0
 #: The final write waits at least this long (and at least 10 orphan_timeouts) for PostgreSQL.
 FINAL_WRITE_PATIENCE = 600.0
-#: How soon a beat that failed is tried again.
-BEAT_RETRY_SECONDS = 0.5
 
 
 class ClaimDeferred(DjinnError):
     """The build could not be claimed now (PostgreSQL unreachable): its message must go back to the queue."""
-
-
-class BuildObjects:
-    """The runner's ObjectStore for one build: the objects its rows name, from the object store."""
-
-    def __init__(self, files: FileStore, objects: dict[str, tuple[int, str]]) -> None:
-        self.files = files
-        self.objects = objects
-
-    def open(self, name: str) -> BinaryIO:
-        if name not in self.objects:
-            raise StoreError(f"object {name!r} no longer exists")
-        user_id, hash_ = self.objects[name]
-        return self.files.open(user_id, hash_)
-
-
-class Heartbeat:
-    """Keeps the lease fresh, and fences the run the moment the lease may be gone.
-
-    The beats run on a thread of the build's own (a database call may block for
-    seconds), started when the first beat is due: a build shorter than one interval
-    never starts it. The watch is a timer (djinn.timers) set for when the lease
-    would become doubtful, `fence_after` past the last beat that landed, so a run
-    stops on time, also right after the whole process tree was frozen and resumed.
-    Once the build's jobs are over (`finishing`), the clock no longer fences: the
-    beats go on and the final write checks the lease in the database itself.
-    """
-
-    def __init__(self, ctx: WorkerContext, lease: Lease, claimed_at: float, on_fenced: Callable[[], None]) -> None:
-        self.ctx = ctx
-        self.lease = lease
-        self.on_fenced = on_fenced
-        self.interval = ctx.heartbeat_interval
-        self.fence_after = ctx.fence_after
-        #: The run was stopped because its lease was lost or doubtful.
-        self.fenced = False
-        #: A beat matched no row: the build was taken over (or our final write landed).
-        self.gone = False
-        self._last_ok = claimed_at  # monotonic time just before the last beat (or the claim) that landed was sent
-        self._finishing = False
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._beats: threading.Thread | None = None
-        self._first_beat: Timer | None = None
-        self._watch_timer: Timer | None = None
-
-    def start(self) -> "Heartbeat":
-        with self._lock:
-            self._first_beat = TIMERS.call_at(self._last_ok + self.interval, self._start_beats)
-            self._watch_timer = TIMERS.call_at(self._last_ok + self.fence_after, self._watch)
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        with self._lock:
-            for timer in (self._first_beat, self._watch_timer):
-                if timer is not None:
-                    timer.cancel()
-            beats = self._beats
-        if beats is not None and beats.is_alive() and beats is not threading.current_thread():
-            beats.join(10)
-
-    def finishing(self) -> None:
-        """No job runs any more: from now on only a beat that matched no row ends the lease."""
-        with self._lock:
-            self._finishing = True
-
-    def valid(self) -> bool:
-        """Whether this run may still write: not fenced, and a beat landed within `fence_after`."""
-        with self._lock:
-            if self.fenced or self.gone:
-                return False
-            return self._finishing or time.monotonic() - self._last_ok < self.fence_after
-
-    def _fence(self, reason: str) -> None:
-        with self._lock:
-            if self.fenced or self._finishing:
-                return
-            self.fenced = True
-        log.error("build %s: %s; stopping this run and writing nothing more", self.lease.build_id, reason)
-        self.on_fenced()
-
-    def _start_beats(self) -> None:
-        with self._lock:
-            if self._stop.is_set():
-                return
-            self._beats = threading.Thread(target=self._beat_loop, name=f"heartbeat-build-{self.lease.build_id}", daemon=True)
-            self._beats.start()
-
-    def _watch(self) -> None:
-        """On the timers thread: fence when no beat landed for `fence_after`, else look again when that could be."""
-        with self._lock:
-            if self._stop.is_set() or self.fenced or self._finishing:
-                return
-            silent = time.monotonic() - self._last_ok
-            if silent < self.fence_after:
-                self._watch_timer = TIMERS.call_at(self._last_ok + self.fence_after, self._watch)
-                return
-        # Fencing stops the driver, which may take a while: not on the timers thread.
-        reason = f"no heartbeat landed for {silent:.1f}s, the lease may be taken over"
-        threading.Thread(target=self._fence, args=(reason,), name=f"fence-build-{self.lease.build_id}", daemon=True).start()
-
-    def _beat_loop(self) -> None:
-        next_at = self._last_ok + self.interval
-        failures = 0
-        while not self._stop.wait(max(next_at - time.monotonic(), 0.0)):
-            if self.fenced:
-                return
-            sent = time.monotonic()
-            try:
-                with transaction(self.ctx.sessions) as session:
-                    alive = beat(session, self.lease)
-            except Exception as exc:  # PostgreSQL away: try again soon; the watch fences if it lasts
-                failures += 1
-                if failures == 1 or failures % 10 == 0:
-                    log.warning("build %s: heartbeat failed (%s); trying again", self.lease.build_id, exc)
-                next_at = time.monotonic() + min(BEAT_RETRY_SECONDS, self.interval)
-                continue
-            if not alive:
-                with self._lock:
-                    self.gone = True
-                self._fence("lease lost: another worker took the build over")
-                return
-            failures = 0
-            with self._lock:
-                self._last_ok = max(self._last_ok, sent)
-            next_at = sent + self.interval
 
 
 def run_build(ctx: WorkerContext, build_id: int) -> Status | None:
@@ -271,7 +139,9 @@ def _run_claimed(
                 abandon(session, build, f"cannot run the build: {exc}")
         return Status.FAILED
 
-    heartbeat = Heartbeat(ctx, lease, claimed_at, lambda: run.stop(Stop.LEASE_LOST))
+    heartbeat = Heartbeat(
+        ctx.sessions, lease, claimed_at, lambda: run.stop(Stop.LEASE_LOST), interval=ctx.heartbeat_interval, fence_after=ctx.fence_after
+    )
     reporter = DatabaseReporter(ctx.engine, build_id, loaded.job_ids, heartbeat.valid, lease)
     runner = Runner(
         loaded.plan,
@@ -282,7 +152,7 @@ def _run_claimed(
         artifacts=BuildArtifacts(
             ctx.engine, build_id, loaded.user_id, loaded.job_ids, ctx.artifacts, hasher(ctx.config.crypto), lease, heartbeat.valid
         ),
-        reporter=metrics.ObservingReporter(reporter, build_id, ctx.config.driver),
+        reporter=Reporters(metrics.JobMetrics(build_id, ctx.config.driver), reporter),  # the job named in the rows' log lines
         timeout=ctx.config.timeout.total_seconds(),
         control=run,
     )
