@@ -16,7 +16,7 @@ from djinn.drivers.os import OSDriver, _PidClock
 from djinn.drivers.scratch import SCRATCH
 from djinn.manifest import parse_manifest
 from djinn.plan import plan_build
-from djinn.runner.engine import Key, Runner, Variable
+from djinn.runner.engine import Key, Reporter, Reporters, Runner, Variable
 from djinn.runner.output import Masker
 from djinn.status import Status
 
@@ -457,3 +457,55 @@ def test_a_script_is_run_from_the_command_line_and_a_big_one_from_a_file():
     finally:
         driver.destroy()
     assert SCRATCH.drain(10) and not made.exists()
+
+
+class _Told(Reporter):
+    def __init__(self, name: str, heard: list, fail_on: str | None = None) -> None:
+        self.name, self.heard, self.fail_on = name, heard, fail_on
+
+    def _hear(self, what: str) -> None:
+        self.heard.append(f"{self.name}:{what}")
+        if what == self.fail_on:
+            raise RuntimeError(f"{self.name} failed on {what}")
+
+    def build_started(self) -> None:
+        self._hear("build_started")
+
+    def job_started(self, job) -> None:
+        self._hear("job_started")
+
+    def job_output(self, job, data: bytes) -> None:
+        self._hear("job_output")
+
+    def job_finished(self, job, status: Status, ran: bool) -> None:
+        self._hear("job_finished")
+
+    def build_finished(self, status: Status) -> None:
+        self._hear("build_finished")
+
+
+def test_reporters_side_by_side_nest_their_starts_and_ends_and_all_hear_an_end():
+    heard: list[str] = []
+    manifest = parse_manifest("driver: {type: os}\nstages: [a]\njobs:\n  - {stage: a, commands: ['echo hi']}\n")
+    runner = Runner(plan_build(manifest), OSDriver(), reporter=Reporters(_Told("outer", heard), _Told("inner", heard)))
+    assert runner.run() is Status.PASSED
+    per_job = ["outer:job_started", "inner:job_started", "inner:job_finished", "outer:job_finished"]
+    assert [h for h in heard if "job_output" not in h] == [
+        "outer:build_started", "inner:build_started",
+        *per_job,  # the driver's creation
+        *per_job,  # a.1
+        "inner:build_finished", "outer:build_finished",
+    ]
+    assert heard.count("outer:job_output") == heard.count("inner:job_output") > 0
+
+    # An end one reporter fails on still reaches the others; the first error is raised after.
+    heard.clear()
+    both = Reporters(_Told("outer", heard), _Told("inner", heard, fail_on="build_finished"))
+    try:
+        both.build_finished(Status.PASSED)
+    except RuntimeError as exc:
+        assert str(exc) == "inner failed on build_finished"
+    else:
+        raise AssertionError("the inner reporter's error was swallowed")
+    assert heard == ["inner:build_finished", "outer:build_finished"]
+
