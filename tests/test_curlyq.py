@@ -382,7 +382,7 @@ def test_worker_runs_server_jobs_once_and_dead_letters_broken_ones(worker_env):
     again = Job(str(uuid.uuid4()), encode_payload("https://h", build_id))
     go_push_v040(client, QUEUE, again)
     wait_for(lambda: acknowledged(client, again.id), timeout=60, what="the repeated job acknowledged")
-    time.sleep(2)
+    wait_for(worker_env.broker_idle, 30, "the task it was handed to, if any, to be over")
     assert worker_env.sql("SELECT attempt, started_at FROM builds WHERE id = :id", id=build_id) == [(attempt, started)]
     # Celery's own queue still works beside it.
     celery_build = worker_env.submit(PASSING)

@@ -138,7 +138,8 @@ def test_failed_build_mails_owner_and_collaborators_once(worker_env, smtp_server
     assert "line 30" in body and "+ exit 3" in body
     assert "line 1\n" not in body  # only the last 15 lines
     assert wait_mail_state(worker_env, build_id, "sent")[1] == 1
-    time.sleep(3)
+    # The killed worker's build message stays unacknowledged: wait on the mail tasks alone.
+    wait_for(lambda: worker_env.broker_idle("djinn.send_failure_mail"), 30, "every mail task to be over")
     assert len(smtp.messages) == 1
 
 
@@ -159,7 +160,8 @@ def test_killed_and_timed_out_builds_mail_once(worker_env, smtp_servers, outcome
     assert len(received.body.split("-----\n\n", 1)[1].splitlines()) == 15
     assert "token xxxxxx" in received.body
     wait_mail_state(worker_env, build_id, "sent")
-    time.sleep(3)
+    # The killed worker's build message stays unacknowledged: wait on the mail tasks alone.
+    wait_for(lambda: worker_env.broker_idle("djinn.send_failure_mail"), 30, "every mail task to be over")
     assert len(smtp.messages) == 1
 
 
@@ -175,7 +177,8 @@ def test_passing_build_sends_no_mail(worker_env, smtp_servers):
     assert worker_env.wait_status(failing)["status"] == "failed"
     (received,) = smtp.wait(1)
     assert received.message["Subject"] == "Djinn CI - Build #2 failed"
-    time.sleep(2)
+    # The killed worker's build message stays unacknowledged: wait on the mail tasks alone.
+    wait_for(lambda: worker_env.broker_idle("djinn.send_failure_mail"), 30, "every mail task to be over")
     assert len(smtp.messages) == 1
     assert mail_row(worker_env, build_id) is None
 
@@ -209,7 +212,7 @@ def test_mail_arrives_once_when_smtp_comes_up_later(worker_env, smtp_servers):
     assert SECRET not in received.body
     state, attempts, _ = wait_mail_state(worker_env, build_id, "sent")
     assert attempts >= 4
-    time.sleep(3)  # a second copy would come from a retry already due
+    wait_for(worker_env.broker_idle, 30, "every mail task and retry to be over")  # a second copy would come from one
     assert len(smtp.messages) == 1
 
 
@@ -294,7 +297,8 @@ def test_worker_killed_mid_build_the_rerun_mails_once(worker_env, smtp_servers):
     (received,) = smtp.wait(1)
     check_failure_mail(worker_env, received, build_id, "failed")
     wait_mail_state(worker_env, build_id, "sent")
-    time.sleep(3)
+    # The killed worker's build message stays unacknowledged: wait on the mail tasks alone.
+    wait_for(lambda: worker_env.broker_idle("djinn.send_failure_mail"), 30, "every mail task to be over")
     assert len(smtp.messages) == 1
 
 
@@ -321,7 +325,7 @@ def test_failure_the_worker_died_before_reporting_is_swept_and_mailed_once(worke
     app = Celery(broker=worker_env.redis.url)
     for _ in range(3):
         app.send_task("djinn.send_failure_mail", args=[build_id], queue="builds_os")
-    time.sleep(4)
+    wait_for(worker_env.broker_idle, 30, "the duplicate sends to be over")
     assert len(smtp.messages) == 1
     assert mail_row(worker_env, old) is None  # older than the sweep's horizon: not mailed now
 
@@ -418,7 +422,7 @@ def test_github_commit_status_for_pull_request_builds(worker_env, http_recorder)
         assert request.headers["Content-Type"] == "application/json; charset=utf-8"
     other = http_recorder.wait(2, f"/repos/team/app/statuses/{sha[::-1]}")
     assert [r.json()["state"] for r in other] == ["pending", "success"]
-    time.sleep(2)
+    wait_for(worker_env.notifications_settled, 60, "every status to be sent")
     assert len(http_recorder.received()) == 4  # the manual build sets no status
     assert worker_env.sql("SELECT state FROM build_notifications WHERE build_id = :id AND kind = 'status'", id=failed) == [("failed",)]
 
@@ -571,7 +575,7 @@ def test_gitlab_commit_status_states_and_retry(worker_env, http_recorder):
         {**common, "state": "canceled", "description": "Build was killed."},
     ]
     assert all(r.headers["Authorization"] == "Bearer glpat-1" for r in requests)
-    time.sleep(2)
+    wait_for(worker_env.notifications_settled, 60, "every status to be sent")
     assert len(http_recorder.received(path)) == 3
 
 
@@ -615,7 +619,7 @@ def test_webhooks_started_and_finished_signed_recorded_and_retried(worker_env, h
     assert [r.headers["X-Djinn-CI-Event"] for r in plain_requests] == ["build.finished", "build.finished"]
     assert plain_requests[0].body == plain_requests[1].body
     assert all("X-Djinn-CI-Signature" not in r.headers for r in plain_requests)
-    time.sleep(2)
+    wait_for(worker_env.notifications_settled, 60, "every delivery to be over")
     assert http_recorder.received("/hooks/inactive") == [] and http_recorder.received("/hooks/submitted-only") == []
 
     deliveries = worker_env.sql(

@@ -39,7 +39,8 @@ def test_the_next_build_gets_a_directory_made_ahead_renamed_to_name_it(tmp_path,
     first = OSDriver({}, BuildIdentity("7", "test"))
     first.create({}, lambda data: None)
     try:
-        wait_for(lambda: len(spares(tmp_path)) == 1, 10, "a directory made ahead")
+        # Ready once handed to the scratch, not once on disk: a build before that makes its own.
+        wait_for(lambda: SCRATCH.has_spare((os_driver.SPARE_PREFIX, str(tmp_path))), 10, "a directory made ahead")
         [spare] = spares(tmp_path)
         made_ahead = spare.stat().st_ino
         assert leftovers.owner_of(os_driver.SPARE_PREFIX, spare)["build_id"] is None  # no build yet, this process's

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ops_support import wait_job_running
+from waiting import wait_for
 from worker_support import WORKER, WorkerEnv
 
 PASSING = """
@@ -107,7 +108,10 @@ def test_kill_with_secret_and_wrong_secret_ignored(worker_env, redis_server):
     wait_job_running(worker_env, build_id)
     client = redis.Redis(host="127.0.0.1", port=redis_server.port)
     assert client.publish(f"kill-{build_id}", "not-the-secret") == 1
-    time.sleep(1.5)
+    # The listener reads its messages in order: once it has logged a later one, it has passed over the wrong secret.
+    assert client.publish("kill-after-the-wrong-secret", "") == 1
+    wait_for(lambda: "channel 'kill-after-the-wrong-secret' ignored" in (worker_env.root / "worker.log").read_text(), 30,
+             "the listener to read past the wrong secret")
     assert worker_env.status(build_id)["status"] == "running"
 
     (secret,) = worker_env.sql("SELECT secret FROM builds WHERE id = :id", id=build_id)[0]
@@ -167,7 +171,7 @@ def test_same_build_enqueued_twice_runs_once(worker_env):
     app.send_task("djinn.run_build", args=[build_id], queue="builds_os")
     app.send_task("djinn.run_build", args=[build_id], queue="builds_os")
     info = worker_env.wait_status(build_id)
-    time.sleep(2)  # let the duplicates be delivered and dropped
+    wait_for(worker_env.broker_idle, 30, "the duplicates to be delivered and dropped")
     assert info["status"] == "passed"
     marker = Path(f"/tmp/djinn-once-{worker_env.database}")
     try:

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import redis
 from services import PostgresServer, RedisServer
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
@@ -200,6 +201,26 @@ store objects {{
             time.sleep(0.1)
         time.sleep(0.3)  # a process's later threads follow its first one
         return "\n".join(path.read_bytes()[sizes[path]:].decode(errors="replace") for path in outs) or "(none written)"
+
+    def broker_idle(self, task: str | None = None) -> bool:
+        """No task message (of `task`, if named) waits on the broker or is held unacknowledged: every one sent is done.
+
+        Every djinn task acknowledges its message only when it is over (acks_late), and a
+        retry is published before the message it retries is acknowledged, so the broker
+        is never idle while a task, or its retry, is still to run. A killed worker's
+        message stays unacknowledged until its visibility timeout: name the task to wait on.
+        """
+        client = redis.Redis(host="127.0.0.1", port=self.redis.port)
+        try:
+            messages = list(client.hvals("unacked"))
+            messages += [m for key in client.scan_iter(_type="list") for m in client.lrange(key, 0, -1)]
+        finally:
+            client.close()
+        return not any(task is None or task.encode() in message for message in messages)
+
+    def notifications_settled(self) -> bool:
+        """No commit status or webhook delivery is pending or being sent (djinn.notify.outbox): none will be sent any more."""
+        return self.sql("SELECT count(*) FROM notification_outbox WHERE state IN ('pending', 'sending')") == [(0,)]
 
     def log_tail(self, n: int = 60) -> str:
         path = self.root / "worker.log"

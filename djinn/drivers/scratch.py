@@ -57,6 +57,11 @@ class Scratch:
         self._submit(lambda: self._make_spare(key, make))
         return spare
 
+    def has_spare(self, key: Hashable) -> bool:
+        """Whether `take(key, ...)` would now hand over a spare."""
+        with self._cond:
+            return key in self._spares
+
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every path handed over is gone, and remove the spares; whether all are gone (False after `timeout`)."""
         with self._cond:
