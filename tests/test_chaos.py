@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ops_support import alive
+from ops_support import alive, process_tree
 from waiting import wait_for
 
 from djinn.config import DriverConfig, load_worker_config
@@ -29,26 +29,6 @@ FINAL = ("passed", "passed_with_failures", "failed", "killed", "timed_out")
 
 
 # -- process trees ---------------------------------------------------------------
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants (the os driver's jobs run in sessions of their own, still below it)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
 
 
 def freeze_tree(root: int) -> set[int]:

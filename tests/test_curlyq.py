@@ -241,7 +241,8 @@ def test_stale_consumers_jobs_are_reenqueued_live_ones_left_alone(client, consum
         assert client.zscore(keys.consumers, member) is not None
         assert client.smembers(member) == {job.id.encode()}
         assert client.hexists(keys.data, job.id)
-    time.sleep(1.5)  # a few poll rounds: nothing else may be taken
+    polls = consumer.polls
+    wait_for(lambda: consumer.polls >= polls + 2, timeout=60, what="two more poll rounds")  # nothing else is taken
     assert recorder.jobs == [orphan] and client.llen(keys.active) == 0
     assert consumer.reap() == 0
 
@@ -287,8 +288,8 @@ def test_consumer_survives_redis_going_away(redis_server, client, consumers, cap
     first = push_build(client, QUEUE, 1, "")
     wait_for(lambda: recorder.ids() == [first], timeout=60, what="the first job")
     redis_server.stop()
-    wait_for(lambda: any("failed" in r.getMessage() for r in caplog.records), timeout=60, what="a logged Redis failure")
-    time.sleep(1)
+    wait_for(lambda: sum("failed" in r.getMessage() for r in caplog.records) >= 2, timeout=60,
+             what="Redis failures logged, and tried again")
     redis_server.start()  # empty: the consumer must register again before taking jobs
     assert consumer.running
     second = wait_for(lambda: _try_push(client), timeout=60, what="Redis back")
@@ -408,7 +409,12 @@ def test_worker_takes_over_a_dead_go_workers_job_and_leaves_a_live_ones(worker_e
     wait_for(lambda: acknowledged(client, orphan.id), timeout=60, what="the orphan acknowledged")
     assert client.zscore(keys.consumers, dead_member) is None
     assert worker_env.sql("SELECT attempt FROM builds WHERE id = :id", id=orphaned_build) == [(1,)]
-    time.sleep(3)
+    # Had the live consumer's job been taken too, it would be handed over and run by now.
+    def settled() -> bool:
+        held_elsewhere = any(client.scard(k) for k in client.scan_iter(f"{QUEUE}:inflight:*") if k.decode() != live_member)
+        return worker_env.broker_idle() and not client.llen(keys.active) and not held_elsewhere
+
+    wait_for(settled, timeout=60, what="the worker's queues empty")
     assert worker_env.status(live_build)["status"] == "queued"
     assert client.smembers(live_member) == {held.id.encode()}
     assert client.zscore(keys.consumers, live_member) is not None

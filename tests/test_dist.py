@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ops_support import main_signal, processes_with, wait_exit, wait_for, wait_job_running
+from ops_support import main_signal, process_tree, processes_with, wait_exit, wait_for, wait_job_running
 from worker_support import WORKER
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,8 +109,9 @@ def test_systemd_exec_lines_start_and_drain_the_worker(worker_env):
     build_id = worker_env.submit(SLOW)
     wait_job_running(worker_env, build_id)
     stop = subprocess.Popen(_unit_command("ExecStop", "os"), env={**env, "MAINPID": str(proc.pid)})
-    time.sleep(1)
-    assert stop.poll() is None  # ExecStop waits while the build drains
+    # ExecStop waits while the build drains: it signalled, and went into its wait loop.
+    wait_for(lambda: len(process_tree(stop.pid)) > 1 or stop.poll() is not None, 30, "ExecStop to wait")
+    assert stop.poll() is None and worker_env.status(build_id)["status"] == "running"
     assert wait_exit(proc, 30) == 0  # (here the test reaps the worker, as systemd would)
     assert stop.wait(10) == 0
     assert worker_env.status(build_id)["status"] == "passed"

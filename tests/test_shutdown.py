@@ -85,9 +85,12 @@ def test_second_signal_hands_running_builds_back(worker_env, first, second):
     for build_id in marks:
         wait_job_running(worker_env, build_id)
 
+    (signalled_at,) = worker_env.sql("SELECT now()")[0]
     main_signal(proc, first)
     wait_for(lambda: _logged(worker_env, "graceful shutdown"), 10, "the drain to start")
-    time.sleep(1)
+    # The draining worker still runs both builds: each beats its lease after the signal.
+    beats = "SELECT count(*) FROM builds WHERE id = ANY(:ids) AND heartbeat_at > :t"
+    wait_for(lambda: worker_env.sql(beats, ids=list(marks), t=signalled_at) == [(2,)], 10, "a heartbeat from each build")
     assert proc.poll() is None
     assert all(worker_env.status(b)["status"] == "running" for b in marks)
 

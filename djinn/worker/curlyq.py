@@ -414,6 +414,8 @@ class Consumer:
         self.poll_timeout = max(1, int(poll_timeout))
         self.batch = batch
         self.max_backoff = max_backoff
+        #: Poll rounds done (each took what was there and waited for the signal): how one sees the poller go round.
+        self.polls = 0
         self._stop = threading.Event()
         self._registered = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -528,6 +530,7 @@ class Consumer:
                     self._process(job_id, raw)
                 if len(taken) < self.batch and not self._stop.is_set():
                     self.client.brpoplpush(self.keys.signal, self.keys.signal, self.poll_timeout)
+                self.polls += 1
                 if failures:
                     log.info("curlyq %s: Redis is reachable again", self.keys.name)
                 failures = 0
