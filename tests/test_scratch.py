@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from djinn.drivers import leftovers
 from djinn.drivers import os as os_driver
 from djinn.drivers.base import BuildIdentity
 from djinn.drivers.os import OSDriver
-from djinn.drivers.scratch import SCRATCH, Scratch
+from djinn.drivers.scratch import MAX_SPARES, SCRATCH, Scratch
 
 
 def spares(root: Path) -> list[Path]:
@@ -40,7 +41,7 @@ def test_the_next_build_gets_a_directory_made_ahead_renamed_to_name_it(tmp_path,
     first.create({}, lambda data: None)
     try:
         # Ready once handed to the scratch, not once on disk: a build before that makes its own.
-        wait_for(lambda: SCRATCH.has_spare((os_driver.SPARE_PREFIX, str(tmp_path))), 10, "a directory made ahead")
+        wait_for(lambda: SCRATCH.spares((os_driver.SPARE_PREFIX, str(tmp_path))) == 1, 10, "a directory made ahead")
         [spare] = spares(tmp_path)
         made_ahead = spare.stat().st_ino
         assert leftovers.owner_of(os_driver.SPARE_PREFIX, spare)["build_id"] is None  # no build yet, this process's
@@ -61,6 +62,68 @@ def test_the_next_build_gets_a_directory_made_ahead_renamed_to_name_it(tmp_path,
     finally:
         first.destroy()
     assert SCRATCH.drain(30) and list(tmp_path.iterdir()) == []
+
+
+LITTERS = b"""
+mkdir -p deep/er .ssh locked && echo x > deep/er/file && echo key > .ssh/id && echo beside > ../beside
+ln -s /etc link && chmod 000 locked && chmod 755 . && touch ../also
+"""
+
+
+def test_a_finished_build_directory_is_emptied_and_becomes_the_next_builds(tmp_path, monkeypatch):
+    """Behind the build its directory is emptied and renamed a spare: no directory is made or removed per build."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    key = (os_driver.SPARE_PREFIX, str(tmp_path))
+    first = OSDriver({}, BuildIdentity("7", "test"))
+    first.create({}, lambda data: None)
+    used = first.root
+    inodes = (used.stat().st_ino, first.workspace.stat().st_ino)
+    assert first.execute("a.1", LITTERS, lambda data: None) == 0
+    first.destroy()
+    wait_for(lambda: SCRATCH.spares(key) == 2, 10, "the finished directory back as a spare, beside the one made ahead")
+    assert not used.exists()
+
+    second = OSDriver({}, BuildIdentity("8", "test"))
+    second.create({}, lambda data: None)
+    try:
+        assert (second.root.stat().st_ino, second.workspace.stat().st_ino) == inodes  # the same directories
+        assert leftovers.owner_of(os_driver.DIR_PREFIX, second.root)["build_id"] == "8"
+        assert [p.name for p in second.root.iterdir()] == ["workspace"] and list(second.workspace.iterdir()) == []
+        assert stat.S_IMODE(second.root.stat().st_mode) == stat.S_IMODE(second.workspace.stat().st_mode) == 0o700
+    finally:
+        second.destroy()
+    assert SCRATCH.drain(30) and list(tmp_path.iterdir()) == []
+
+
+def test_a_workspace_a_job_replaced_is_removed_not_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("mine")
+    key = (os_driver.SPARE_PREFIX, str(tmp_path / "tmp"))
+    driver = OSDriver({}, BuildIdentity("7", "test"))
+    driver.create({}, lambda data: None)
+    root = driver.root
+    wait_for(lambda: SCRATCH.spares(key) == 1, 10, "a directory made ahead")
+    script = f"cd .. && rm -rf workspace && ln -s {outside} workspace\n".encode()
+    assert driver.execute("a.1", script, lambda data: None) == 0
+    driver.destroy()
+    assert SCRATCH.drain(30)
+    assert not root.exists() and list((tmp_path / "tmp").iterdir()) == []
+    assert (outside / "keep").read_text() == "mine"  # the link was removed, not followed
+
+
+def test_spares_beyond_the_bound_are_removed(tmp_path):
+    scratch = Scratch()
+    dirs = [tmp_path / f"d{n}" for n in range(4)]
+    for d in dirs:
+        d.mkdir()
+    scratch.recycle("k", dirs[0], lambda path: None)  # could not be emptied: removed
+    for d in dirs[1:]:
+        scratch.recycle("k", d, lambda path: path)
+    wait_for(lambda: not dirs[0].exists() and scratch.spares("k") == MAX_SPARES, 10, "two spares")
+    assert scratch.drain(30) and list(tmp_path.iterdir()) == []
 
 
 def test_a_killed_processs_spare_is_swept(tmp_path):

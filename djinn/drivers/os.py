@@ -21,6 +21,7 @@ import secrets
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -68,6 +69,7 @@ class OSDriver(Driver):
         self.tag = secrets.token_hex(12)
         self._born: _PidClock | None = None  # where pid allocation stood before the first job
         self._swept = True  # no job ran since the last sweep for tagged processes found none
+        self._spares: tuple[str, str] = (SPARE_PREFIX, "")  # where this build's directory came from, and goes back to
 
     @property
     def workspace(self) -> Path:
@@ -81,7 +83,8 @@ class OSDriver(Driver):
         # the workspace: what a job puts in `..` stays private to the build and goes with it.
         # Made ahead, while the build before ran, when this process ran one (djinn.drivers.scratch).
         tmp = tempfile.gettempdir()
-        spare = SCRATCH.take((SPARE_PREFIX, tmp), lambda: _build_dir(SPARE_PREFIX, BuildIdentity(), tmp))
+        self._spares = (SPARE_PREFIX, tmp)
+        spare = SCRATCH.take(self._spares, lambda: _build_dir(SPARE_PREFIX, BuildIdentity(), tmp))
         self.root = leftovers.rename_owned_dir(spare, DIR_PREFIX, self.identity) if spare is not None else None
         if self.root is None:
             self.root = _build_dir(DIR_PREFIX, self.identity, tmp)
@@ -231,16 +234,42 @@ class OSDriver(Driver):
             self.kill_tagged()
 
     def destroy(self) -> None:
-        self.cancel()  # nothing of the build runs any more: its directory can go in the background
+        self.cancel()  # nothing of the build runs any more: its directory can be emptied in the background
         if self.root is not None:
-            SCRATCH.remove(self.root)
+            SCRATCH.recycle(self._spares, self.root, _emptied)
             self.root = None
 
 
 def _build_dir(prefix: str, build: BuildIdentity, tmp: str) -> Path:
     root = leftovers.make_owned_dir(prefix, build, tmp)
-    (root / "workspace").mkdir()
+    (root / "workspace").mkdir(mode=0o700)
     return root
+
+
+def _emptied(root: Path) -> Path | None:
+    """`root` emptied to what `_build_dir` makes and named a spare; None when it is not plainly that (it is then removed).
+
+    Every process of the build is gone (destroy kills them first). What the build
+    left goes: the workspace's contents and anything beside it, keys included.
+    """
+    workspace = root / "workspace"
+    me = os.geteuid()
+    for directory, keep in ((root, "workspace"), (workspace, None)):
+        st = os.lstat(directory)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != me:  # a job put something else in its place
+            return None
+        os.chmod(directory, 0o700)
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name == keep:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+    if os.listdir(workspace) or os.listdir(root) != ["workspace"]:  # written to meanwhile
+        return None
+    return leftovers.rename_owned_dir(root, SPARE_PREFIX, BuildIdentity())
 
 
 def _read_int(path: str, prefix: bytes = b"") -> int | None:
