@@ -155,7 +155,7 @@ def test_a_forked_child_has_work_and_spares_of_its_own(tmp_path):
     scratch = Scratch()
     mine = tmp_path / "parent"
     mine.mkdir()
-    scratch.remove(mine)
+    scratch.recycle("k", mine, lambda path: None)  # nothing handed back: removed
     assert scratch.drain(30) and not mine.exists()
 
     def make(name: str) -> Path:
@@ -168,7 +168,7 @@ def test_a_forked_child_has_work_and_spares_of_its_own(tmp_path):
 
     def child(theirs: Path) -> bool:  # the parent's thread and spare are not here: its own work must still happen
         theirs.mkdir()
-        scratch.remove(theirs)
+        scratch.recycle("k", theirs, lambda path: None)
         if scratch.take("k", lambda: make(f"{theirs.name}-spare")) is not None:
             return False  # the parent's spare is the parent's
         return scratch.drain(30) and not theirs.exists() and not (tmp_path / f"{theirs.name}-spare").exists()

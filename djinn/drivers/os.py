@@ -69,7 +69,6 @@ class OSDriver(Driver):
         self.tag = secrets.token_hex(12)
         self._born: _PidClock | None = None  # where pid allocation stood before the first job
         self._swept = True  # no job ran since the last sweep for tagged processes found none
-        self._spares: tuple[str, str] = (SPARE_PREFIX, "")  # where this build's directory came from, and goes back to
 
     @property
     def workspace(self) -> Path:
@@ -83,8 +82,7 @@ class OSDriver(Driver):
         # the workspace: what a job puts in `..` stays private to the build and goes with it.
         # Made ahead, while the build before ran, when this process ran one (djinn.drivers.scratch).
         tmp = tempfile.gettempdir()
-        self._spares = (SPARE_PREFIX, tmp)
-        spare = SCRATCH.take(self._spares, lambda: _build_dir(SPARE_PREFIX, BuildIdentity(), tmp))
+        spare = SCRATCH.take(_spares(tmp), lambda: _build_dir(SPARE_PREFIX, BuildIdentity(), tmp))
         self.root = leftovers.rename_owned_dir(spare, DIR_PREFIX, self.identity) if spare is not None else None
         if self.root is None:
             self.root = _build_dir(DIR_PREFIX, self.identity, tmp)
@@ -236,8 +234,13 @@ class OSDriver(Driver):
     def destroy(self) -> None:
         self.cancel()  # nothing of the build runs any more: its directory can be emptied in the background
         if self.root is not None:
-            SCRATCH.recycle(self._spares, self.root, _emptied)
+            SCRATCH.recycle(_spares(os.fspath(self.root.parent)), self.root, _emptied)
             self.root = None
+
+
+def _spares(tmp: str) -> tuple[str, str]:
+    """The scratch key of the spare build directories in `tmp`: where a build's directory comes from and goes back to."""
+    return (SPARE_PREFIX, os.path.normpath(tmp))  # as the build directory's parent names it
 
 
 def _build_dir(prefix: str, build: BuildIdentity, tmp: str) -> Path:

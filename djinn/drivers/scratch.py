@@ -46,10 +46,6 @@ class Scratch:
         self._spares: dict[Hashable, list[Path]] = {}
         self._making: set[Hashable] = set()
 
-    def remove(self, path: Path) -> None:
-        """Remove `path` (a tree) soon, on the background thread."""
-        self._submit(lambda: shutil.rmtree(path, ignore_errors=True))
-
     def take(self, key: Hashable, make: Callable[[], Path]) -> Path | None:
         """A spare for `key` if one is ready (None if not); when none is left, `make` makes the next in the background.
 
